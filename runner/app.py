@@ -1,0 +1,221 @@
+"""The Hydra app: compose -> plan -> execute -> report, and the exit code.
+
+``python -m runner`` and the ``runner`` console script both call :func:`main`.
+Exit codes: 0 all done · 1 could not start (one line) · 3 finished with failed items (or
+items left because every worker slot was lost) · 130 interrupted (resumable).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner import config as config_mod
+from runner import devices as devices_mod
+from runner import provenance, report, resume as resume_mod
+from runner.journal import Journal
+from runner.plan import Plan, chain_dict, inventory_notes, slot_plans
+from runner.progress import make_progress
+from runner.rundir import RunDir, atomic_write_json, atomic_write_text
+from runner.scheduler import Scheduler
+from runner.supervisor import Supervisor
+from runner.tasks.base import ConfigError, FinalizeContext
+
+log = logging.getLogger("runner")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+EXIT_OK, EXIT_START, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+def setup() -> None:
+    """Register schemas and resolvers (idempotent); tests call it before compose()."""
+    config_mod.register()
+    OmegaConf.register_new_resolver("runner_run_dir", resume_mod.RunDirResolver(), replace=True)
+    OmegaConf.register_new_resolver("runner_output_subdir", resume_mod.output_subdir, replace=True)
+
+
+def _backends_to_probe(backend: str) -> tuple[str, ...]:
+    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}.get(backend, ())
+
+
+def _limited(it, limit):
+    return it if limit is None else itertools.islice(it, limit)
+
+
+def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
+    """One job, start to finish. Returns the exit code."""
+    try:
+        return _run(cfg, argv or sys.argv)
+    except ConfigError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        log.error("could not start: %s", exc)
+        return EXIT_START
+
+
+def _run(cfg: DictConfig, argv: list[str]) -> int:
+    config_mod.validate(cfg)
+    rundir = RunDir(Path(HydraConfig.get().runtime.output_dir)).make()
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task = hydra.utils.instantiate(cfg.task, _convert_="all")
+    inventory = None if cfg.dry_run else devices_mod.discover(_backends_to_probe(cfg.devices.backend))
+    slots = devices_mod.make_slots(cfg.devices, inventory)
+    backends = sorted({s.backend for s in slots})
+    task.check(frozenset(backends))
+
+    # ---- resume or new -------------------------------------------------------------------
+    plain_task = {k: v for k, v in task_cfg.items()}
+    resume_info: dict[str, Any] = {}
+    if cfg.resume.run:
+        old = json.loads(rundir.task_config.read_text())
+        resume_mod.check_compatible(old, plain_task, tuple(task.resume_safe_keys))
+        resume_info = {"resumed": str(rundir.root), "time": time.time(),
+                       "overrides": list(HydraConfig.get().overrides.task),
+                       "retry_failed": cfg.resume.retry_failed}
+    elif not cfg.dry_run:
+        atomic_write_json(rundir.task_config, plain_task)
+
+    keep = cfg.checkpoint.policy == "resume" and not cfg.dry_run
+    journal = Journal(rundir.journal if keep else None, cfg.checkpoint.commit_every_s)
+    try:
+        return _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backends,
+                        resume_info)
+    finally:
+        journal.close()
+
+
+def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backends, resume_info):
+    journal.add(_limited(task.discover(), cfg.limit))
+    recovered = journal.recover(cfg.resume.retry_failed)
+    counts_before = journal.counts()
+    chains = {b: task.model_chain(b) for b in backends}
+    warnings = [f"model {r.name} skipped on {b}: {r.reason}"
+                for b, rungs in chains.items() for r in rungs if not r.available]
+    for w in warnings:
+        log.warning(w)
+    for b, rungs in chains.items():
+        if not any(r.available for r in rungs):
+            raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
+                              f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
+    batch_size = cfg.batch_size or getattr(task, "default_batch_size", 1)
+    scheduler = Scheduler(journal, cfg.chunking.strategy, len(slots), batch_size)
+    load = scheduler.plan()
+    count, total_cost, longest = journal.todo_stats()
+    journal.commit()
+    plan = Plan(
+        task=task_cfg.get("name", task.name), target=task_cfg["_target_"],
+        input=str(task_cfg.get("input", "")), devices=cfg.devices.name,
+        backend=slots[0].backend, slots=slot_plans(slots, chains, load, task.worker_env()),
+        chain=chain_dict(chains), batch_size=batch_size, chunking=cfg.chunking.strategy,
+        prefetch=cfg.chunking.prefetch,
+        items={"count": count, "total_cost": total_cost, "longest_cost": longest,
+               "failed_at_discovery": counts_before["failed"],
+               "already_done": counts_before["done"], **recovered},
+        checkpoint={"policy": cfg.checkpoint.policy, "max_attempts": cfg.checkpoint.max_attempts,
+                    "journal": str(rundir.journal) if journal.path else "in memory"},
+        executor=OmegaConf.to_container(cfg.executor), run_dir=str(rundir.root),
+        outputs=str(rundir.output(task.output_dir)), resume=resume_info,
+        discovery=inventory_notes(inventory), warnings=warnings)
+    atomic_write_text(rundir.plan, plan.to_yaml())
+    if cfg.dry_run:
+        print(plan.render())
+        return EXIT_OK
+    if resume_info:
+        with open(rundir.resumes, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(resume_info) + "\n")
+    atomic_write_json(rundir.versions, provenance.collect(
+        {"cpu_cores": inventory.cpu_cores, "cuda": inventory.cuda, "xpu": inventory.xpu,
+         "notes": inventory.notes}, argv))
+    log.info("run dir %s: %d item(s) to do on %d slot(s)", rundir.root, count, len(slots))
+    return _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size,
+                      scheduler, load, count)
+
+
+def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size, scheduler,
+               load, count) -> int:
+    from runner.executor import LocalExecutor
+    from runner.messages import WorkerSpec
+
+    progress = make_progress(cfg.progress)
+    progress.start({s.index: s.label for s in slots}, count, {i: n for i, (n, _) in load.items()})
+    sup = Supervisor(journal, scheduler, rundir, slots, cfg.checkpoint.max_attempts, progress)
+    extra_env = task.worker_env()
+    slots = [type(s)(s.index, s.backend, s.device_id, s.threads, {**s.env, **extra_env})
+             for s in slots]
+
+    def make_spec(slot, incarnation):
+        return WorkerSpec(slot, incarnation, task_cfg, tuple(chains[slot.backend]), batch_size,
+                          str(rundir.root), str(rundir.worker_log(slot.index)), cfg.seed)
+
+    if cfg.executor.kind == "ray":
+        from runner.executor_ray import RayExecutor as Executor  # optional extra
+    else:
+        Executor = LocalExecutor
+    ex = Executor(sup, make_spec, cfg.executor.max_restarts, cfg.executor.grace_s,
+                  cfg.executor.stop_timeout_s, cfg.executor.start_timeout_s, cfg.chunking.prefetch)
+    t0 = time.time()
+    try:
+        ex.run(slots)
+    finally:
+        progress.close()
+        journal.commit()
+    wall = time.time() - t0
+    extra = task.finalize(FinalizeContext(rundir.root, tuple(journal.done_rows())))
+    counts = journal.counts()
+    interrupted = ex.interrupts.count > 0
+    left = counts["pending"] + counts["running"]
+    if interrupted:
+        code, status = EXIT_INTERRUPTED, "interrupted"
+    elif counts["failed"] or left:
+        code, status = EXIT_FAILED, "finished with failed items" if not left else "slots lost"
+    else:
+        code, status = EXIT_OK, "all done"
+    summary = report.summarize(sup.stats, wall, counts, journal.failures(), {"task": extra},
+                               code, status, sup.notes)
+    report.write(summary, rundir)
+    try:
+        report.timeline(journal, rundir, {s.index: s.label for s in slots}, t0 - 1)
+    except Exception as exc:  # a plot must never cost the run its exit code
+        log.warning("timeline.png not written: %s", exc)
+    print(report.print_table(summary))
+    resume_cmd = " ".join(["python -m runner", *[shlex.quote(a) for a in
+                                                 HydraConfig.get().overrides.task
+                                                 if not a.startswith("resume")],
+                           f"resume={shlex.quote(str(rundir.root))}"])
+    if interrupted:
+        print(f"runner: interrupted; {left} item(s) not done. Resume with: {resume_cmd}",
+              file=sys.stderr)
+    elif left:
+        print(f"runner: every worker slot was lost; {left} item(s) not done (journal intact). "
+              f"See {rundir.logs}; resume with: {resume_cmd}", file=sys.stderr)
+    elif counts["failed"]:
+        print(f"runner: {counts['failed']} item(s) failed (errors in {rundir.logs / 'errors'}); "
+              f"retry them with: {resume_cmd} resume.retry_failed=true", file=sys.stderr)
+    return code
+
+
+class _Worst:
+    """The worst exit code of the jobs this process ran (one, or a sweep's in-process jobs)."""
+
+    code = EXIT_OK
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
+def _hydra_main(cfg: DictConfig) -> int:
+    code = run(cfg)
+    _Worst.code = max(_Worst.code, code)
+    return code
+
+
+def main() -> None:
+    setup()
+    sys.argv = config_mod.rewrite_argv(sys.argv)
+    _hydra_main()
+    sys.exit(_Worst.code)

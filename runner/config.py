@@ -1,0 +1,146 @@
+"""Config schemas: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The YAML files in ``conf/`` pick values; these dataclasses say which keys exist, their
+types and what each one means. Hydra checks types; :func:`validate` checks values and
+names the field, the value and the allowed set.
+
+Users type ``resume=latest`` or ``resume=<run dir>``; :func:`rewrite_argv` turns that into
+``resume.run=...`` so that ``resume.retry_failed=true`` can live beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from runner.tasks.base import ConfigError
+
+BACKENDS = ("auto", "cpu", "cuda", "xpu")
+STRATEGIES = ("dynamic", "size_balanced", "contiguous", "round_robin")
+CHECKPOINT_POLICIES = ("resume", "off")
+EXECUTORS = ("local", "ray")
+PROGRESS_MODES = ("auto", "rich", "plain", "off")
+
+
+@dataclass
+class DevicesConfig:
+    name: str = "cpu"  # the option's name, shown in the plan
+    backend: str = "cpu"  # auto | cpu | cuda | xpu
+    count: Optional[int] = 1  # devices (CPU: worker slots) to use; null = every one found
+    ids: Optional[list[int]] = None  # exact device ids (e.g. [1,3]); wins over count
+    workers_per_device: int = 1  # worker processes per device (small models)
+    threads_per_worker: Optional[int] = None  # CPU threads a worker may use; null = cores/slots
+
+
+@dataclass
+class ChunkingConfig:
+    strategy: str = "dynamic"  # dynamic | size_balanced | contiguous | round_robin
+    prefetch: int = 2  # batches handed to a worker ahead of the one it is running
+
+
+@dataclass
+class CheckpointConfig:
+    policy: str = "resume"  # resume: keep journal.sqlite; off: no journal, outputs overwritten
+    max_attempts: int = 3  # an item that failed or killed its worker this often is failed
+    commit_every_s: float = 0.5  # journal commit interval (a crash redoes at most this much)
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"  # local: a process per slot | ray: an actor per slot
+    max_restarts: int = 3  # restarts of one slot after its worker died, then the slot is lost
+    grace_s: float = 30.0  # after the first Ctrl-C: how long in-flight batches may finish
+    stop_timeout_s: float = 5.0  # SIGTERM -> SIGKILL deadline when stopping workers
+    start_timeout_s: float = 600.0  # a worker that has not loaded its model by then is dead
+    address: Optional[str] = None  # ray only: auto | ray://host:port | null (local instance)
+
+
+@dataclass
+class ResumeConfig:
+    run: Optional[str] = None  # latest | <run dir> | null (a new run)
+    retry_failed: bool = False  # also retry items that failed in the run being resumed
+
+
+@dataclass
+class RunnerConfig:
+    devices: DevicesConfig = field(default_factory=DevicesConfig)  # where work runs
+    task: Any = None  # the task group: _target_ plus the task's own fields
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)  # how items reach workers
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # what survives
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # process mechanics
+    resume: ResumeConfig = field(default_factory=ResumeConfig)  # continue an earlier run
+    batch_size: Optional[int] = None  # items per batch; null = the task's default
+    limit: Optional[int] = None  # only the first N items (stable order); null = all
+    dry_run: bool = False  # print the plan and stop, importing no accelerator stack
+    seed: int = 0  # seeds torch/numpy/random in every worker
+    progress: str = "auto"  # auto (rich on a TTY, plain lines otherwise) | rich | plain | off
+    outputs: str = "outputs"  # root of run dirs: <outputs>/<task>/<timestamp>
+
+
+def _choice(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(path: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}={value!r} must be an integer >= 1")
+
+
+def validate(cfg: Any) -> None:
+    """Check values Hydra's type check cannot; raise ConfigError naming the key."""
+    d = cfg.devices
+    _choice("devices.backend", d.backend, BACKENDS)
+    _positive("devices.count", d.count, allow_none=True)
+    _positive("devices.workers_per_device", d.workers_per_device)
+    _positive("devices.threads_per_worker", d.threads_per_worker, allow_none=True)
+    if d.ids is not None:
+        if len(d.ids) == 0 or any(not isinstance(i, int) or i < 0 for i in d.ids):
+            raise ConfigError(f"devices.ids={list(d.ids)!r} must be a non-empty list of ids >= 0")
+        if len(set(d.ids)) != len(d.ids):
+            raise ConfigError(f"devices.ids={list(d.ids)!r} names a device twice")
+        if d.backend == "cpu":
+            raise ConfigError("devices.ids is for cuda/xpu cards; for CPU set devices.count")
+    _choice("chunking.strategy", cfg.chunking.strategy, STRATEGIES)
+    _positive("chunking.prefetch", cfg.chunking.prefetch)
+    _choice("checkpoint.policy", cfg.checkpoint.policy, CHECKPOINT_POLICIES)
+    _positive("checkpoint.max_attempts", cfg.checkpoint.max_attempts)
+    _choice("executor.kind", cfg.executor.kind, EXECUTORS)
+    if cfg.executor.max_restarts < 0:
+        raise ConfigError(f"executor.max_restarts={cfg.executor.max_restarts} must be >= 0")
+    _positive("batch_size", cfg.batch_size, allow_none=True)
+    if cfg.limit is not None and cfg.limit < 0:
+        raise ConfigError(f"limit={cfg.limit} must be >= 0 (or null for all items)")
+    _choice("progress", cfg.progress, PROGRESS_MODES)
+    if cfg.resume.run is not None and cfg.checkpoint.policy == "off":
+        raise ConfigError("resume needs a journal: checkpoint=off keeps none (use checkpoint=resume)")
+    if cfg.task is None or "_target_" not in cfg.task:
+        raise ConfigError("task has no _target_: choose task=embed|subtitles or name your own class")
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """``resume=X`` -> ``resume.run=X`` so that resume.retry_failed can sit beside it."""
+    out = []
+    for arg in argv:
+        if arg.startswith("resume=") or arg.startswith("+resume="):
+            arg = "resume.run=" + arg.split("=", 1)[1]
+        out.append(arg)
+    return out
+
+
+def register() -> None:
+    """Register the schemas; YAML files in conf/ extend them through their defaults list."""
+    from runner.tasks.embed import EmbedConfig
+    from runner.tasks.subtitles import SubtitlesConfig
+
+    cs = ConfigStore.instance()
+    cs.store(name="runner_schema", node=RunnerConfig)
+    cs.store(group="devices", name="devices_schema", node=DevicesConfig)
+    cs.store(group="chunking", name="chunking_schema", node=ChunkingConfig)
+    cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
+    cs.store(group="executor", name="executor_schema", node=ExecutorConfig)
+    cs.store(group="task", name="embed_schema", node=EmbedConfig)
+    cs.store(group="task", name="subtitles_schema", node=SubtitlesConfig)

@@ -1,0 +1,195 @@
+"""Devices: discovery without a GPU context, and worker slots with their environment.
+
+Discovery never imports torch in the controller:
+
+* CUDA: ``nvidia-smi --query-gpu`` (NVML underneath, no CUDA context); without nvidia-smi,
+  the entries of ``/proc/driver/nvidia/gpus``.
+* Intel Arc (XPU): only when sysfs shows an Intel display device (vendor 0x8086 under
+  ``/sys/class/drm``), a short-lived subprocess asks ``torch.xpu.device_count()`` — Level
+  Zero's own numbering is what ``ZE_AFFINITY_MASK`` uses, and sysfs order need not match it.
+* CPU: ``os.sched_getaffinity`` (the cores this process may use).
+
+A slot is one worker process: its backend, device id, thread count and the exact
+environment it starts with. The isolation variable (``CUDA_VISIBLE_DEVICES=<id>`` or
+``ZE_AFFINITY_MASK=<id>``, a plain ordinal: ``0.0`` is invalid under the FLAT hierarchy) is
+part of that environment, so the worker sees its card as index 0 before torch is imported.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.tasks.base import ConfigError
+
+MASK_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What this machine has, as discovered (recorded in the run dir)."""
+
+    cpu_cores: int
+    cuda: tuple[str, ...] = ()  # one name per card, index = device id
+    xpu: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # how each was found, or why not
+
+    def count(self, backend: str) -> int:
+        return {"cuda": len(self.cuda), "xpu": len(self.xpu)}.get(backend, self.cpu_cores)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process: where it runs and the environment it is started with."""
+
+    index: int  # 0..n-1, names logs/worker-<index>.log
+    backend: str  # cpu | cuda | xpu
+    device_id: int | None  # the card's id on the machine; None for CPU
+    threads: int  # CPU threads (OMP_NUM_THREADS, torch.set_num_threads)
+    env: dict[str, str] = field(default_factory=dict)  # set before the process starts
+
+    @property
+    def label(self) -> str:
+        """How humans and the journal name the device: cuda:1, xpu:0, cpu:0."""
+        return f"{self.backend}:{self.device_id if self.device_id is not None else self.index}"
+
+    @property
+    def torch_device(self) -> str:
+        """The device as the worker addresses it: always index 0 of what it can see."""
+        return self.backend
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _discover_cuda(notes: list[str]) -> tuple[str, ...]:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout
+            cards = tuple(line.split(",", 1)[1].strip() for line in out.splitlines() if "," in line)
+            notes.append(f"cuda: {len(cards)} card(s) from nvidia-smi")
+            return cards
+        except (subprocess.SubprocessError, OSError) as exc:
+            notes.append(f"cuda: nvidia-smi failed ({exc.__class__.__name__})")
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        cards = tuple(sorted(p.name for p in proc.iterdir()))
+        notes.append(f"cuda: {len(cards)} card(s) from {proc}")
+        return cards
+    notes.append("cuda: no NVIDIA driver found")
+    return ()
+
+
+def _intel_gpu_in_sysfs() -> bool:
+    for vendor in Path("/sys/class/drm").glob("card*/device/vendor"):
+        try:
+            if vendor.read_text().strip() == "0x8086":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _discover_xpu(notes: list[str]) -> tuple[str, ...]:
+    if not _intel_gpu_in_sysfs():
+        notes.append("xpu: no Intel GPU in /sys/class/drm")
+        return ()
+    probe = ("import torch; n = torch.xpu.device_count() if hasattr(torch, 'xpu') else 0\n"
+             "print('\\n'.join(torch.xpu.get_device_name(i) for i in range(n)))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+    except (subprocess.SubprocessError, OSError) as exc:
+        notes.append(f"xpu: torch.xpu probe failed ({exc.__class__.__name__})")
+        return ()
+    cards = tuple(line for line in out.splitlines() if line.strip())
+    notes.append(f"xpu: {len(cards)} card(s) from a torch.xpu probe subprocess")
+    return cards
+
+
+def discover(backends: tuple[str, ...] = ("cuda", "xpu")) -> Inventory:
+    """Find what the machine has; only the accelerator kinds in ``backends`` are probed."""
+    notes: list[str] = []
+    cuda = _discover_cuda(notes) if "cuda" in backends else ()
+    xpu = _discover_xpu(notes) if "xpu" in backends and not cuda else ()
+    return Inventory(cpu_cores=_cpu_cores(), cuda=cuda, xpu=xpu, notes=tuple(notes))
+
+
+def resolve_backend(requested: str, inventory: Inventory | None) -> str:
+    """``auto``: all CUDA, else all XPU, else CPU (a dry run without inventory says cpu)."""
+    if requested != "auto":
+        return requested
+    if inventory is None:
+        return "cpu"
+    if inventory.cuda:
+        return "cuda"
+    if inventory.xpu:
+        return "xpu"
+    return "cpu"
+
+
+def _device_ids(cfg, backend: str, inventory: Inventory | None) -> list[int]:
+    found = inventory.count(backend) if inventory is not None else None
+    if cfg.ids is not None:
+        ids = list(cfg.ids)
+    elif cfg.count is not None:
+        ids = list(range(cfg.count))
+    elif found is not None:
+        ids = list(range(found))
+    else:  # dry run of an "all you find" group without looking
+        ids = [0]
+    if inventory is not None and backend != "cpu":
+        missing = [i for i in ids if i >= found]
+        if missing:
+            names = ", ".join(f"{backend}:{i}" for i in range(found)) or "none"
+            raise ConfigError(
+                f"devices={cfg.name} asks for {backend} device(s) {ids} but this machine has "
+                f"{found} ({names}); pick another devices group, set devices.ids, or add "
+                f"dry_run=true to only see the plan")
+    return ids
+
+
+def make_slots(cfg, inventory: Inventory | None) -> list[Slot]:
+    """The worker slots for a devices config; ``inventory=None`` plans without checking."""
+    backend = resolve_backend(cfg.backend, inventory)
+    cores = inventory.cpu_cores if inventory is not None else _cpu_cores()
+    per = cfg.workers_per_device
+    if backend == "cpu":
+        n = (cfg.count if cfg.count is not None else 1) * per
+        threads = cfg.threads_per_worker or max(1, cores // n)
+        return [
+            Slot(i, "cpu", None, threads, _env(None, None, threads)) for i in range(n)
+        ]
+    ids = _device_ids(cfg, backend, inventory)
+    threads = cfg.threads_per_worker or max(1, min(4, cores // (len(ids) * per)))
+    slots = []
+    for dev in ids:
+        for _ in range(per):
+            slots.append(Slot(len(slots), backend, dev, threads, _env(backend, dev, threads)))
+    return slots
+
+
+def _env(backend: str | None, device_id: int | None, threads: int) -> dict[str, str]:
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if backend is None:  # CPU worker: no accelerator visible at all
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env[MASK_VARIABLE[backend]] = str(device_id)
+        if backend == "cuda":
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # ids mean what nvidia-smi shows
+    return env

@@ -1,0 +1,280 @@
+"""The local executor: one spawned process per device slot, supervised.
+
+Data flow (after CPython's concurrent/futures/process.py)::
+
+    Journal ──pages──> Scheduler ──next_batch(slot)──┐
+       ^                    ^ requeue / slot_lost    │
+       │ mark_*             │                        v
+    ┌──┴────────────────────┴──────────┐    Call   ┌──────────────┐
+    │ Supervisor loop (this module)    │ ───pipe──>│ worker 0     │ device A
+    │  wait(pipes + sentinels, 0.2s)   │ <──pipe───│ (worker.py)  │
+    │  results -> journal, progress    │  ItemDone └──────────────┘
+    │  sentinel -> death: in-flight    │  ...      ┌──────────────┐
+    │   items back to the queue,       │ ───pipe──>│ worker n-1   │ device B
+    │   slot restarted (bounded)       │ <──pipe───└──────────────┘
+    │  SIGINT/SIGTERM -> drain / stop  │
+    └──────────────────────────────────┘
+
+* One duplex pipe per worker: a worker killed mid-write corrupts only its own pipe.
+* Death is learnt from ``Process.sentinel`` in the same ``wait`` as the pipes, never from a
+  missing result; nothing blocks without a timeout.
+* The slot's environment (device mask, threads) and an ignored SIGINT are in place when
+  the process is spawned, so the child never sets them itself; Ctrl-C reaches only the
+  controller, which decides.
+* Messages are frozen dataclasses (runner/messages.py); the journal is written here alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+from runner.devices import Slot
+from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, Ready, RungChanged,
+                             SlotExhausted, StartFailed, Stop, WorkerSpec)
+from runner.supervisor import Supervisor
+from runner.worker import worker_main
+
+log = logging.getLogger("runner")
+
+
+def exit_name(code: int | None) -> str:
+    """Exit code as people read it: SIGKILL for -9, 'exit 3' otherwise."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal {-code}"
+    return f"exit {code}"
+
+
+@contextlib.contextmanager
+def spawn_environment(env: dict[str, str]):
+    """The slot's env and an ignored SIGINT, in place only while a child is spawned."""
+    saved = {k: os.environ.get(k) for k in env}
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        signal.signal(signal.SIGINT, old)
+
+
+@dataclass
+class _Worker:
+    slot: Slot
+    incarnation: int
+    process: Any
+    conn: Any
+    started_at: float
+    pid: int | None = None
+    ready: bool = False
+    outstanding: int = 0  # batches sent and not yet BatchDone
+    exhausted: bool = False
+    failed_to_start: str = ""
+
+
+@dataclass
+class Interrupts:
+    """SIGINT/SIGTERM counter; the handler only counts, the loop decides."""
+
+    count: int = 0
+    first_at: float = 0.0
+    signals: list = field(default_factory=list)
+
+    def handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1:
+            self.first_at = time.monotonic()
+
+
+class LocalExecutor:
+    """Spawns, feeds, watches and restarts the worker processes of a plan."""
+
+    def __init__(self, sup: Supervisor, make_spec: Callable[[Slot, int], WorkerSpec],
+                 max_restarts: int, grace_s: float, stop_timeout_s: float,
+                 start_timeout_s: float, prefetch: int):
+        self.sup = sup
+        self.make_spec = make_spec
+        self.max_restarts = max_restarts
+        self.grace_s = grace_s
+        self.stop_timeout_s = stop_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.prefetch = prefetch
+        self.ctx = mp.get_context("spawn")
+        self.workers: dict[int, _Worker] = {}
+        self.restarts: dict[int, int] = {}
+        self.interrupts = Interrupts()
+
+    # ---- process mechanics -------------------------------------------------------------
+    def _start(self, slot: Slot, incarnation: int) -> None:
+        spec = self.make_spec(slot, incarnation)
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=worker_main, args=(spec, child_conn),
+                                name=f"runner-worker-{slot.index}", daemon=True)
+        with spawn_environment(slot.env):
+            proc.start()
+        child_conn.close()
+        self.workers[slot.index] = _Worker(slot, incarnation, proc, parent_conn, time.monotonic(),
+                                           pid=proc.pid)
+
+    def _stop_all(self, deadline_s: float) -> None:
+        for w in self.workers.values():
+            with contextlib.suppress(OSError, ValueError):
+                w.conn.send(Stop())
+        end = time.monotonic() + deadline_s
+        for w in self.workers.values():
+            w.process.join(max(0.0, end - time.monotonic()))
+        for w in self.workers.values():
+            if w.process.is_alive():
+                w.process.terminate()
+        end = time.monotonic() + deadline_s
+        for w in self.workers.values():
+            w.process.join(max(0.0, end - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(5)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self, slots: list[Slot]) -> None:
+        old = {s: signal.signal(s, self.interrupts.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for slot in slots:
+                self.restarts[slot.index] = 0
+                self._start(slot, 0)
+            self._loop()
+        finally:
+            self._stop_all(self.stop_timeout_s if self.interrupts.count < 2 else 0.5)
+            for w in list(self.workers.values()):
+                self._drain(w)
+                self.sup.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _loop(self) -> None:
+        while True:
+            stopping = self.interrupts.count >= 1
+            if self.interrupts.count >= 2:
+                self.sup.note(f"second {self.interrupts.signals[-1]}: stopping workers now")
+                return
+            if stopping and self.sup.stop_requested_at is None:
+                self.sup.stop_requested(self.interrupts.signals[0], self.grace_s)
+            if stopping and (not self.sup.in_flight()
+                             or time.monotonic() - self.interrupts.first_at > self.grace_s):
+                return
+            if not stopping:
+                self._dispatch()
+            if not self.workers:
+                self.sup.note("every worker slot is lost")
+                return
+            if not stopping and not self.sup.in_flight() and not self.sup.scheduler.has_work():
+                return
+            waitables = {}
+            for w in self.workers.values():
+                waitables[w.conn] = w
+                waitables[w.process.sentinel] = w
+            for obj in wait(list(waitables), timeout=0.2):
+                w = waitables[obj]
+                if self.workers.get(w.slot.index) is not w:
+                    continue
+                if obj is w.conn:
+                    if not self._drain(w):
+                        self._died(w)
+                else:
+                    self._drain(w)
+                    self._died(w)
+            self._check_start_timeouts()
+            self.sup.tick()
+
+    def _dispatch(self) -> None:
+        for w in list(self.workers.values()):
+            while w.ready and not w.exhausted and w.outstanding < self.prefetch:
+                batch = self.sup.next_batch(w.slot, w.pid)
+                if not batch:
+                    break
+                call = Call(self.sup.journal.next_batch_no(), tuple(batch))
+                try:
+                    w.conn.send(call)
+                except (OSError, ValueError):
+                    self.sup.unsent(w.slot, batch)
+                    break
+                self.sup.sent(w.slot, call)
+                w.outstanding += 1
+
+    def _drain(self, w: _Worker) -> bool:
+        """Handle every message waiting on ``w``'s pipe; False if the pipe broke."""
+        try:
+            while w.conn.poll(0):
+                self._handle(w, w.conn.recv())
+        except (EOFError, OSError, ValueError):
+            return False
+        except Exception as exc:  # a half-written message from a killed worker
+            log.warning("unreadable message from worker %s: %s", w.slot.label, exc)
+            return False
+        return True
+
+    def _handle(self, w: _Worker, msg: Any) -> None:
+        if isinstance(msg, ChunkDone):
+            for done in msg.done:
+                self.sup.item_done(done)
+        elif isinstance(msg, ItemFailed):
+            self.sup.item_failed(msg, w.pid)
+        elif isinstance(msg, BatchDone):
+            w.outstanding -= 1
+            self.sup.batch_done(msg)
+        elif isinstance(msg, Ready):
+            w.ready, w.pid = True, msg.pid
+            self.sup.worker_ready(w.slot, msg)
+        elif isinstance(msg, RungChanged):
+            self.sup.rung_changed(msg)
+        elif isinstance(msg, SlotExhausted):
+            w.exhausted = True
+            self.sup.note(f"{w.slot.label}: {msg.error}; this slot stops, the others go on")
+        elif isinstance(msg, StartFailed):
+            w.failed_to_start = msg.error
+        else:
+            log.warning("unknown message from %s: %r", w.slot.label, msg)
+
+    def _died(self, w: _Worker) -> None:
+        w.process.join(1.0)
+        if w.process.is_alive():  # pipe broke but the process lingers: make it a death
+            w.process.kill()
+            w.process.join(5.0)
+        code = w.process.exitcode
+        del self.workers[w.slot.index]
+        with contextlib.suppress(OSError):
+            w.conn.close()
+        why = w.failed_to_start or exit_name(code)
+        restartable = not (w.exhausted or w.failed_to_start)
+        restartable = restartable and self.restarts[w.slot.index] < self.max_restarts
+        expected = w.exhausted and code == 0
+        self.sup.worker_gone(w.slot, w.pid, why, restartable=restartable, quiet=expected,
+                             exit_code=code)
+        if restartable and self.interrupts.count == 0 and self.sup.scheduler.has_work_for(w.slot.index):
+            self.restarts[w.slot.index] += 1
+            self.sup.note(f"restarting {w.slot.label} (restart {self.restarts[w.slot.index]}"
+                          f"/{self.max_restarts})")
+            self._start(w.slot, w.incarnation + 1)
+        elif not restartable:
+            self.sup.scheduler.slot_lost(w.slot.index)
+
+    def _check_start_timeouts(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if not w.ready and now - w.started_at > self.start_timeout_s:
+                self.sup.note(f"{w.slot.label} did not load its model within "
+                              f"{self.start_timeout_s:.0f}s; killing it")
+                w.process.kill()

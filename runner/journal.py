@@ -1,0 +1,248 @@
+"""The journal: every item's state in SQLite, written by the controller alone.
+
+Table ``items`` (a public contract, see DESIGN.md): id, status, attempts, slot, device,
+model, batch_size, started, finished, output, error — plus the controller's own columns
+seq (discovery order), cost, payload, planned_slot and gen (the invocation that last saw
+the item). ``checkpoint=off`` keeps the same journal in memory.
+
+Item states and their legal moves (:func:`check_transition` refuses the rest)::
+
+    (new) --> pending --> running --> done
+       |         ^  |        |  \\
+       |         |  +--------|---> failed   (bad input found at discovery)
+       |         +-----------+       ^      (worker died, interrupted, retryable error)
+       +--> failed <-----------------+      (bad input, or attempts exhausted)
+    failed --> pending                      (resume.retry_failed=true only)
+
+Memory does not grow with the number of items: discovery streams in chunks, pending work
+is read back in pages ordered by seq, counts come from SQL.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from enum import Enum
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from runner.tasks.base import BadItem, Item
+
+
+class ItemStatus(str, Enum):
+    NEW = "new"  # not yet in the journal
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_LEGAL: dict[ItemStatus, frozenset[ItemStatus]] = {
+    ItemStatus.NEW: frozenset({ItemStatus.PENDING, ItemStatus.FAILED}),
+    ItemStatus.PENDING: frozenset({ItemStatus.RUNNING, ItemStatus.FAILED}),
+    ItemStatus.RUNNING: frozenset({ItemStatus.DONE, ItemStatus.FAILED, ItemStatus.PENDING}),
+    ItemStatus.FAILED: frozenset({ItemStatus.PENDING}),
+    ItemStatus.DONE: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: ItemStatus, new: ItemStatus) -> None:
+    """The one place that says which moves are legal."""
+    if new not in _LEGAL[old]:
+        raise IllegalTransition(f"item state {old.value} -> {new.value} is not allowed")
+
+
+def _from(new: ItemStatus) -> tuple[str, ...]:
+    """The states an item may be in to move to ``new`` (for SQL WHERE clauses)."""
+    return tuple(s.value for s, targets in _LEGAL.items() if new in targets and s != ItemStatus.NEW)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    slot INTEGER, device TEXT, model TEXT, batch_size INTEGER,
+    started REAL, finished REAL, output TEXT, error TEXT,
+    seq INTEGER NOT NULL, cost REAL NOT NULL DEFAULT 0, payload TEXT,
+    planned_slot INTEGER, gen INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS items_todo ON items (gen, status, planned_slot, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class Journal:
+    """The controller's record of every item. Not thread-safe; one owner."""
+
+    def __init__(self, path: Path | None, commit_every_s: float = 0.5):
+        self.path = path
+        self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
+        if path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("BEGIN")
+        self._commit_every = commit_every_s
+        self._last_commit = time.monotonic()
+        self.gen = int(self.get_meta("gen", -1)) + 1
+        self.set_meta("gen", self.gen)
+
+    # ---- meta and housekeeping ----------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._last_commit = time.monotonic()
+
+    def maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= self._commit_every:
+            self.commit()
+
+    def close(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.close()
+
+    def next_batch_no(self) -> int:
+        n = int(self.get_meta("batch_no", 0))
+        self.set_meta("batch_no", n + 1)
+        return n
+
+    # ---- discovery ------------------------------------------------------------------------
+    def add(self, discovered: Iterable[Item | BadItem], chunk: int = 2000) -> None:
+        """Record this invocation's items; items already known keep their state."""
+        seq = 0
+        it = iter(discovered)
+        while rows := list(islice(it, chunk)):
+            good, bad = [], []
+            for obj in rows:
+                if isinstance(obj, BadItem):
+                    bad.append((obj.id, ItemStatus.FAILED.value, obj.error, seq, self.gen))
+                else:
+                    good.append((obj.id, ItemStatus.PENDING.value, seq, obj.cost, obj.payload, self.gen))
+                seq += 1
+            self._db.executemany(
+                "INSERT INTO items (id, status, seq, cost, payload, gen) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET gen=excluded.gen, seq=excluded.seq, "
+                "cost=excluded.cost, payload=excluded.payload", good)
+            self._db.executemany(
+                "INSERT INTO items (id, status, error, seq, gen) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET gen=excluded.gen, seq=excluded.seq", bad)
+
+    def recover(self, retry_failed: bool) -> dict[str, int]:
+        """Start of a run: running -> pending (their worker is gone); optionally failed -> pending."""
+        moved = self._db.execute(
+            "UPDATE items SET status='pending' WHERE status='running'").rowcount
+        retried = 0
+        if retry_failed:
+            retried = self._db.execute(
+                "UPDATE items SET status='pending', attempts=0, error=NULL "
+                "WHERE status='failed' AND gen=?", (self.gen,)).rowcount
+        return {"running_to_pending": moved, "failed_retried": retried}
+
+    # ---- planning -------------------------------------------------------------------------
+    def todo_stats(self) -> tuple[int, float, float]:
+        """(count, total cost, largest cost) of this invocation's pending items."""
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(cost),0), COALESCE(MAX(cost),0) FROM items "
+            "WHERE gen=? AND status='pending'", (self.gen,)).fetchone()
+        return int(row[0]), float(row[1]), float(row[2])
+
+    def todo_costs(self, longest_first: bool) -> Iterator[tuple[str, float]]:
+        order = "cost DESC, seq" if longest_first else "seq"
+        cur = self._db.execute(
+            f"SELECT id, cost FROM items WHERE gen=? AND status='pending' ORDER BY {order}",
+            (self.gen,))
+        while rows := cur.fetchmany(5000):
+            yield from rows
+
+    def set_planned_slots(self, pairs: Iterable[tuple[int | None, str]]) -> None:
+        it = iter(pairs)
+        while rows := list(islice(it, 5000)):
+            self._db.executemany("UPDATE items SET planned_slot=? WHERE id=?", rows)
+
+    def page(self, planned_slot: int | None, after_seq: int, limit: int) -> list[tuple[Item, int]]:
+        """Pending items of one planned slot (None: the shared queue), in seq order."""
+        where = "planned_slot IS NULL" if planned_slot is None else "planned_slot=?"
+        args: tuple = (self.gen, after_seq) + (() if planned_slot is None else (planned_slot,))
+        rows = self._db.execute(
+            f"SELECT id, cost, payload, seq FROM items WHERE gen=? AND status='pending' "
+            f"AND seq>? AND {where} ORDER BY seq LIMIT ?", args + (limit,)).fetchall()
+        return [(Item(r[0], r[1], r[2]), r[3]) for r in rows]
+
+    # ---- state changes (controller only) --------------------------------------------------
+    def _move(self, item_id: str, new: ItemStatus, sets: str, args: tuple) -> None:
+        allowed = _from(new)
+        q = (f"UPDATE items SET status=?, {sets} WHERE id=? "
+             f"AND status IN ({','.join('?' * len(allowed))})")
+        if self._db.execute(q, (new.value, *args, item_id, *allowed)).rowcount != 1:
+            row = self._db.execute("SELECT status FROM items WHERE id=?", (item_id,)).fetchone()
+            check_transition(ItemStatus(row[0]) if row else ItemStatus.NEW, new)
+            raise IllegalTransition(f"item {item_id!r}: no row moved to {new.value}")
+
+    def mark_running(self, item_id: str, slot: int, device: str, now: float) -> int:
+        self._move(item_id, ItemStatus.RUNNING,
+                   "attempts=attempts+1, slot=?, device=?, started=?, finished=NULL",
+                   (slot, device, now))
+        return self.attempts(item_id)
+
+    def mark_done(self, item_id: str, output: str, model: str, batch_size: int,
+                  started: float, finished: float) -> None:
+        self._move(item_id, ItemStatus.DONE,
+                   "output=?, model=?, batch_size=?, started=?, finished=?, error=NULL",
+                   (output, model, batch_size, started, finished))
+
+    def mark_failed(self, item_id: str, error: str, finished: float,
+                    model: str | None = None) -> None:
+        self._move(item_id, ItemStatus.FAILED, "error=?, finished=?, model=COALESCE(?, model)",
+                   (error, finished, model))
+
+    def mark_pending(self, item_id: str, error: str | None = None, refund: bool = False) -> None:
+        """Back to the queue; ``refund``: an orderly stop, the attempt does not count."""
+        self._move(item_id, ItemStatus.PENDING,
+                   "error=COALESCE(?, error), attempts=MAX(attempts-?, 0)", (error, int(refund)))
+
+    def attempts(self, item_id: str) -> int:
+        return int(self._db.execute("SELECT attempts FROM items WHERE id=?", (item_id,)).fetchone()[0])
+
+    # ---- reading back ---------------------------------------------------------------------
+    def counts(self, this_gen_only: bool = True) -> dict[str, int]:
+        q = "SELECT status, COUNT(*) FROM items" + (" WHERE gen=?" if this_gen_only else "")
+        rows = self._db.execute(q + " GROUP BY status", (self.gen,) if this_gen_only else ())
+        out = {s.value: 0 for s in ItemStatus if s != ItemStatus.NEW}
+        out.update(dict(rows.fetchall()))
+        return out
+
+    def failures(self, limit: int = 50) -> list[tuple[str, str]]:
+        return self._db.execute(
+            "SELECT id, error FROM items WHERE gen=? AND status='failed' ORDER BY seq LIMIT ?",
+            (self.gen, limit)).fetchall()
+
+    def done_rows(self) -> Iterator[tuple[str, str, str]]:
+        cur = self._db.execute(
+            "SELECT id, output, model FROM items WHERE status='done' ORDER BY seq")
+        while rows := cur.fetchmany(5000):
+            yield from rows
+
+    def timeline_rows(self, since: float) -> Iterator[tuple[int, float, float, str]]:
+        cur = self._db.execute(
+            "SELECT slot, started, finished, status FROM items WHERE finished IS NOT NULL "
+            "AND started IS NOT NULL AND started>=? ORDER BY started", (since,))
+        while rows := cur.fetchmany(5000):
+            yield from rows
+
+    def per_model_device(self, since: float) -> list[tuple[str, str, int]]:
+        return self._db.execute(
+            "SELECT device, model, COUNT(*) FROM items WHERE status='done' AND finished>=? "
+            "GROUP BY device, model ORDER BY device, model", (since,)).fetchall()

@@ -1,0 +1,117 @@
+"""Every message that crosses a process boundary: frozen dataclasses, nothing else.
+
+    controller -> worker:   WorkerSpec (process argument), Call, Stop
+    worker -> controller:   Ready, ChunkDone (of ItemDone), ItemFailed, BatchDone, RungChanged,
+                            SlotExhausted, StartFailed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runner.devices import Slot
+from runner.tasks.base import Item, ModelRung
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, given as the spawned process's argument."""
+
+    slot: Slot
+    incarnation: int  # 0 for the first process of a slot, +1 per restart
+    task_config: dict  # the task group, instantiated again in the worker
+    rungs: tuple[ModelRung, ...]  # the slot's fallback chain, first preferred
+    batch_size: int  # the starting rung's batch size
+    run_dir: str
+    log_path: str
+    seed: int = 0
+    poll_s: float = 1.0  # how often an idle worker checks that its controller lives
+
+
+@dataclass(frozen=True)
+class Call:
+    """Process these items (one dispatched batch)."""
+
+    batch_no: int
+    items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish nothing more; exit."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    slot: int
+    pid: int
+    identity: str  # the identity line, as logged
+    model: str  # the rung it loaded
+    load_s: float
+
+
+@dataclass(frozen=True)
+class ItemDone:
+    slot: int
+    batch_no: int
+    item_id: str
+    output: str  # relative to the run dir
+    model: str
+    batch_size: int
+    started: float
+    finished: float
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """Items written together arrive together: one message, so never half a shard."""
+
+    slot: int
+    batch_no: int
+    done: tuple[ItemDone, ...]
+
+
+@dataclass(frozen=True)
+class ItemFailed:
+    slot: int
+    batch_no: int
+    item_id: str
+    error: str  # one line
+    traceback: str
+    permanent: bool  # BadInput or the model chain exhausted: no retry
+    model: str
+    started: float
+    finished: float
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    slot: int
+    batch_no: int
+
+
+@dataclass(frozen=True)
+class RungChanged:
+    """The OOM ladder moved: smaller batch, or the next model."""
+
+    slot: int
+    model: str
+    batch_size: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SlotExhausted:
+    """Every model in the chain ran out of memory here; the worker exits after this."""
+
+    slot: int
+    error: str
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The worker could not start (model load failed for a reason that is not OOM)."""
+
+    slot: int
+    error: str
+    traceback: str

@@ -1,0 +1,106 @@
+"""The plan: pure data saying what a run will do, written as plan.yaml before it starts.
+
+``dry_run=true`` prints :meth:`Plan.render` and stops; nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from runner.devices import Inventory, Slot
+from runner.tasks.base import ModelRung
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    index: int
+    device: str  # cuda:1, xpu:0, cpu:0
+    backend: str
+    device_id: int | None
+    threads: int
+    env: dict[str, str]  # exactly what the worker process starts with (beyond the parent's)
+    model: str  # the rung it will start on
+    planned_items: int | None  # static strategies: how many items it is given
+    planned_cost: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: str
+    target: str
+    input: str
+    devices: str  # the devices option chosen (auto, cpu2, cuda4, ...)
+    backend: str  # as resolved
+    slots: tuple[SlotPlan, ...]
+    chain: dict[str, list[dict]]  # backend -> rungs (name, source, available, reason)
+    batch_size: int
+    chunking: str
+    prefetch: int
+    items: dict[str, Any]  # count, total_cost, longest_cost, failed_at_discovery, already_done
+    checkpoint: dict[str, Any]  # policy, max_attempts, journal
+    executor: dict[str, Any]
+    run_dir: str
+    outputs: str
+    resume: dict[str, Any] = field(default_factory=dict)
+    discovery: list[str] = field(default_factory=list)  # how devices were found
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
+
+    def render(self) -> str:
+        """The plan as a person reads it."""
+        it = self.items
+        lines = [
+            f"plan for task={self.task} ({self.target})",
+            f"  input     {self.input}",
+            f"  items     {it['count']} to do (cost {it['total_cost']:.1f}, longest "
+            f"{it['longest_cost']:.1f}); {it['already_done']} already done; "
+            f"{it['failed_at_discovery']} bad at discovery",
+            f"  devices   {self.devices} -> {self.backend}, {len(self.slots)} worker slot(s)",
+            f"  chunking  {self.chunking}, batch_size {self.batch_size}, prefetch {self.prefetch}",
+            f"  journal   {self.checkpoint['policy']}: {self.checkpoint['journal']} "
+            f"(max_attempts {self.checkpoint['max_attempts']})",
+            f"  outputs   {self.outputs}",
+            "  slots:",
+        ]
+        for s in self.slots:
+            env = " ".join(f"{k}={v!r}" if v == "" else f"{k}={v}" for k, v in s.env.items())
+            share = (f", {s.planned_items} items / cost {s.planned_cost:.1f}"
+                     if s.planned_items is not None else "")
+            lines.append(f"    [{s.index}] {s.device:<8} threads={s.threads} model={s.model}{share}")
+            lines.append(f"        env: {env}")
+        lines.append("  model chain:")
+        for backend, rungs in self.chain.items():
+            for r in rungs:
+                mark = "ok  " if r["available"] else "SKIP"
+                lines.append(f"    {backend:<5} {mark} {r['name']:<24} {r['reason']}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+
+def slot_plans(slots: list[Slot], chains: dict[str, list[ModelRung]],
+               load: dict[int, tuple[int, float]], extra_env: dict[str, str]) -> tuple[SlotPlan, ...]:
+    out = []
+    for s in slots:
+        first = next((r.name for r in chains[s.backend] if r.available), "none available")
+        n, c = load.get(s.index, (None, None))
+        out.append(SlotPlan(s.index, s.label, s.backend, s.device_id, s.threads,
+                            {**s.env, **extra_env}, first, n, c))
+    return tuple(out)
+
+
+def chain_dict(chains: dict[str, list[ModelRung]]) -> dict[str, list[dict]]:
+    return {b: [asdict(r) for r in rungs] for b, rungs in chains.items()}
+
+
+def inventory_notes(inventory: Inventory | None) -> list[str]:
+    if inventory is None:
+        return ["dry run: devices were not probed; the plan shows what was asked for"]
+    return [f"cpu: {inventory.cpu_cores} core(s)", *inventory.notes]

@@ -1,0 +1,108 @@
+"""The report: summary.json, the summary table, and timeline.png (one lane per slot)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from runner.journal import Journal
+from runner.rundir import RunDir, atomic_path, atomic_write_json
+from runner.supervisor import SlotStats
+
+log = logging.getLogger("runner")
+
+
+def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int],
+              failures: list[tuple[str, str]], extra: dict[str, Any], exit_code: int,
+              status: str, notes: list[str]) -> dict[str, Any]:
+    total = sum(s.items for s in stats.values()) or 0
+    slots = []
+    for idx, s in sorted(stats.items()):
+        rate = s.items / s.busy_s if s.busy_s > 0 else 0.0
+        row = {"slot": idx, "device": s.label, "items": s.items, "failed": s.failed,
+               "busy_s": round(s.busy_s, 3), "items_per_s": round(rate, 3),
+               "share": round(s.items / total, 4) if total else 0.0, "deaths": s.deaths,
+               "pids": s.pids, "models": s.models, "ladder": s.rungs}
+        if "media_s" in s.metrics and s.metrics["media_s"] > 0:
+            row["media_s"] = round(s.metrics["media_s"], 3)
+            row["rtf"] = round(s.busy_s / s.metrics["media_s"], 4)
+        slots.append(row)
+    devices: dict[str, dict[str, Any]] = {}
+    for row in slots:
+        d = devices.setdefault(row["device"], {"items": 0, "busy_s": 0.0, "media_s": 0.0})
+        d["items"] += row["items"]
+        d["busy_s"] += row["busy_s"]
+        d["media_s"] += row.get("media_s", 0.0)
+    for d in devices.values():
+        d["items_per_s"] = round(d["items"] / d["busy_s"], 3) if d["busy_s"] > 0 else 0.0
+        if d["media_s"] > 0:
+            d["rtf"] = round(d["busy_s"] / d["media_s"], 4)
+        else:
+            d.pop("media_s")
+    rates = [d["items_per_s"] for d in devices.values() if d["items_per_s"] > 0]
+    overall = total / wall_s if wall_s > 0 else 0.0
+    summary = {
+        "status": status, "exit_code": exit_code, "wall_s": round(wall_s, 3),
+        "items_done": total, "items_per_s": round(overall, 3),
+        "speedup_over_slowest_device": round((total / min(rates)) / wall_s, 3)
+        if rates and wall_s > 0 else None,
+        "counts": counts, "slots": slots, "devices": devices,
+        "failures": [{"id": i, "error": e} for i, e in failures],
+        "notes": notes, **extra,
+    }
+    media = sum(d.get("media_s", 0.0) for d in devices.values())
+    if media > 0:
+        summary["media_s"] = round(media, 3)
+        summary["rtf"] = round(wall_s / media, 4)  # wall clock over audio: the run's own RTF
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> str:
+    """The summary as a text table (also returned, for tests and logs)."""
+    has_rtf = any("rtf" in r for r in summary["slots"])
+    head = f"{'slot':<5}{'device':<9}{'items':>7}{'failed':>7}{'busy s':>9}{'items/s':>9}{'share':>7}"
+    head += f"{'RTF':>8}" if has_rtf else ""
+    lines = [head]
+    for r in summary["slots"]:
+        line = (f"{r['slot']:<5}{r['device']:<9}{r['items']:>7}{r['failed']:>7}"
+                f"{r['busy_s']:>9.1f}{r['items_per_s']:>9.1f}{r['share'] * 100:>6.0f}%")
+        line += f"{r.get('rtf', float('nan')):>8.3f}" if has_rtf else ""
+        lines.append(line)
+    sp = summary["speedup_over_slowest_device"]
+    lines.append(f"wall {summary['wall_s']:.1f}s, {summary['items_done']} done, "
+                 f"{summary['items_per_s']:.1f} items/s"
+                 + (f", speed-up over the slowest single device x{sp:.2f}" if sp else "")
+                 + (f", RTF {summary['rtf']:.3f}" if "rtf" in summary else ""))
+    for f in summary["failures"][:10]:
+        lines.append(f"failed: {f['id']}: {f['error']}")
+    return "\n".join(lines)
+
+
+def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: float) -> None:
+    """timeline.png: one lane per slot, one bar per processed chunk (red: failed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: dict[int, set] = {i: set() for i in labels}
+    failed: dict[int, set] = {i: set() for i in labels}
+    for slot, start, end, status in journal.timeline_rows(since):
+        if slot in bars:
+            (failed if status == "failed" else bars)[slot].add((start - since, max(end - start, 1e-3)))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(labels) + 1.2))
+    for lane, idx in enumerate(sorted(labels)):
+        ax.broken_barh(sorted(bars[idx]), (lane - 0.4, 0.8), facecolors="tab:blue",
+                       edgecolor="white", linewidth=0.3)
+        if failed[idx]:
+            ax.broken_barh(sorted(failed[idx]), (lane - 0.4, 0.8), facecolors="tab:red")
+    ax.set_yticks(range(len(labels)), [f"[{i}] {labels[i]}" for i in sorted(labels)])
+    ax.set_xlabel("seconds since start")
+    ax.set_title("runner timeline: one lane per worker slot")
+    fig.tight_layout()
+    with atomic_path(rundir.timeline) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def write(summary: dict[str, Any], rundir: RunDir) -> None:
+    atomic_write_json(rundir.summary, summary)

@@ -1,0 +1,88 @@
+"""Run-dir naming and resume: where a run lives, which run ``resume=latest`` means, and
+whether a resume may change what it changes.
+
+New runs live in ``<outputs>/<task>/<YYYY-mm-dd_HH-MM-SS.micro>`` (a ``-<pid>`` suffix if
+that already exists), so two runs started in the same second never share a dir. Resuming
+reuses the old dir: Hydra's files for the resume go to ``.hydra/resume-<time>/`` and each
+resume adds a line to ``resumes.jsonl``.
+
+A resume may change devices, batch size, chunking, limit, executor and the like; it may
+not change anything in the task group that changes what an output means (the model chain,
+fields, the input) except keys the task lists in ``resume_safe_keys``.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from runner.tasks.base import ConfigError
+
+JOURNAL = "journal.sqlite"
+
+
+class RunDirResolver:
+    """OmegaConf resolver for hydra.run.dir; answers the same within one process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, str] = {}
+
+    def __call__(self, outputs: str, task: str, resume: str | None) -> str:
+        key = (outputs, task, resume)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(outputs, task, resume)
+        return self._cache[key]
+
+    @staticmethod
+    def _resolve(outputs: str, task: str, resume: str | None) -> str:
+        if resume in (None, "", "None", "null"):
+            base = Path(outputs) / task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+            return str(base if not base.exists() else base.with_name(f"{base.name}-{os.getpid()}"))
+        return str(find_run(outputs, task, resume))
+
+
+def output_subdir(resume: str | None) -> str:
+    if resume in (None, "", "None", "null"):
+        return ".hydra"
+    return f".hydra/resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+
+
+def find_run(outputs: str, task: str, resume: str) -> Path:
+    if resume == "latest":
+        root = Path(outputs) / task
+        runs = sorted(p.parent for p in root.glob(f"*/{JOURNAL}")) if root.is_dir() else []
+        if not runs:
+            raise ConfigError(f"resume=latest: no run of task={task} with a journal under "
+                              f"{root}/ (start one without resume=, or pass resume=<run dir>)")
+        return runs[-1]
+    path = Path(resume).expanduser()
+    if not (path / JOURNAL).is_file():
+        raise ConfigError(f"resume={resume}: no {JOURNAL} there; pass a run dir made with "
+                          f"checkpoint=resume (or resume=latest)")
+    return path
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def check_compatible(old_task: dict[str, Any], new_task: dict[str, Any],
+                     safe_keys: tuple[str, ...]) -> None:
+    """Refuse a resume whose task config changes what outputs mean, key by key."""
+    changes = [c for c in diff(old_task, new_task) if c[0] not in safe_keys]
+    if changes:
+        listing = "; ".join(f"task.{k}: {a!r} -> {b!r}" for k, a, b in changes)
+        raise ConfigError(f"resume refused: the task config changes what outputs mean ({listing}); "
+                          f"start a new run, or resume with the original values")

@@ -1,0 +1,148 @@
+"""The run directory: the one owner of every path in it, and atomic file writes.
+
+The run directory is a public contract (see DESIGN.md); its names are defined here and
+nowhere else. Every file appears whole or not at all: written to a temp file in the same
+directory, fsynced, then renamed over the final name.
+
+    <run dir>/
+      .hydra/                      Hydra's own
+      plan.yaml                    RunDir.plan
+      summary.json                 RunDir.summary
+      timeline.png                 RunDir.timeline
+      journal.sqlite               RunDir.journal
+      versions.json                RunDir.versions
+      logs/worker-<slot>.log       RunDir.worker_log(slot)
+      logs/errors/<item>.json      RunDir.error_file(item_id)
+      <task output dir>/...        RunDir.output(task.output_dir, relative)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success fsync it and rename it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_json(final: Path, obj: Any) -> None:
+    atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(item_id: str, limit: int = 120) -> str:
+    """A file name for an item id that cannot escape its folder."""
+    name = _UNSAFE.sub("_", item_id).strip("._") or "item"
+    return name[:limit]
+
+
+def safe_relative(rel: str | Path) -> Path:
+    """A relative path that stays inside its base whatever ``rel`` contains (.., /, ~)."""
+    parts = [p for p in Path(str(rel).replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
+    parts = [_UNSAFE.sub("_", p).lstrip(".") or "_" for p in parts]
+    if not parts:
+        raise ValueError(f"empty relative path from {rel!r}")
+    return Path(*parts)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of one run directory."""
+
+    root: Path
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def timeline(self) -> Path:
+        return self.root / "timeline.png"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.sqlite"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "versions.json"
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.root / ".hydra" / "config.yaml"
+
+    @property
+    def task_config(self) -> Path:
+        """The task group as first resolved; resume compares against it."""
+        return self.root / "task.json"
+
+    @property
+    def resumes(self) -> Path:
+        """One line per resume: when, overrides, what changed."""
+        return self.root / "resumes.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def worker_log(self, slot: int) -> Path:
+        return self.logs / f"worker-{slot}.log"
+
+    def error_file(self, item_id: str) -> Path:
+        return self.logs / "errors" / f"{safe_name(item_id)}.json"
+
+    def output(self, output_dir: str, relative: str | Path = "") -> Path:
+        base = self.root / output_dir
+        return base / safe_relative(relative) if str(relative) else base
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    def make(self) -> "RunDir":
+        (self.logs / "errors").mkdir(parents=True, exist_ok=True)
+        return self

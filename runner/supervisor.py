@@ -1,0 +1,189 @@
+"""The supervisor: what every executor does with results, failures and deaths.
+
+Executors (local processes, Ray actors) own mechanics: starting, waiting, killing. They
+report events here; this module owns the consequences, identically for every executor:
+
+* dispatch: ``next_batch`` marks items running (attempt + 1) and remembers them in flight;
+* results: done -> journal; failed -> retried, or failed for good with an error file;
+* deaths: every in-flight item of the dead slot goes back to the queue as a suspect (alone
+  in its next batch), or is quarantined as failed once it used ``max_attempts``;
+* figures per slot for the summary, and the progress display.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from runner.devices import Slot
+from runner.journal import Journal
+from runner.messages import BatchDone, Call, ItemDone, ItemFailed, Ready, RungChanged
+from runner.progress import Progress
+from runner.rundir import RunDir, atomic_write_json
+from runner.scheduler import Scheduler
+from runner.tasks.base import Item
+
+log = logging.getLogger("runner")
+
+
+@dataclass
+class SlotStats:
+    """Figures of one slot over this invocation (summary.json)."""
+
+    label: str
+    items: int = 0
+    failed: int = 0
+    busy_s: float = 0.0
+    first_start: float | None = None
+    last_finish: float | None = None
+    deaths: int = 0
+    pids: list = field(default_factory=list)
+    models: dict = field(default_factory=dict)  # model -> items
+    metrics: dict = field(default_factory=dict)  # summed task metrics (media_s, ...)
+    rungs: list = field(default_factory=list)  # OOM ladder moves: (model, batch, reason)
+    last_chunk: tuple = ()
+
+
+class Supervisor:
+    def __init__(self, journal: Journal, scheduler: Scheduler, rundir: RunDir, slots: list[Slot],
+                 max_attempts: int, progress: Progress):
+        self.journal = journal
+        self.scheduler = scheduler
+        self.rundir = rundir
+        self.max_attempts = max_attempts
+        self.progress = progress
+        self.stats = {s.index: SlotStats(s.label) for s in slots}
+        self.labels = {s.index: s.label for s in slots}
+        self.inflight: dict[int, dict[str, Item]] = {s.index: {} for s in slots}
+        self.notes: list[str] = []
+        self.stop_requested_at: float | None = None
+        self.stop_signal: str | None = None
+
+    # ---- dispatch ------------------------------------------------------------------------
+    def next_batch(self, slot: Slot, pid: int | None) -> list[Item]:  # noqa: ARG002
+        batch = self.scheduler.next_batch(slot.index)
+        now = time.time()
+        for item in batch:
+            self.journal.mark_running(item.id, slot.index, slot.label, now)
+            self.inflight[slot.index][item.id] = item
+        return batch
+
+    def sent(self, slot: Slot, call: Call) -> None:
+        self.progress.slot_state(slot.index, "running")
+
+    def unsent(self, slot: Slot, batch: list[Item]) -> None:
+        for item in batch:
+            self.inflight[slot.index].pop(item.id, None)
+            self.journal.mark_pending(item.id, refund=True)
+        self.scheduler.requeue(batch, suspect=False)
+
+    def in_flight(self) -> int:
+        return sum(len(v) for v in self.inflight.values())
+
+    # ---- results -------------------------------------------------------------------------
+    def _busy(self, st: SlotStats, batch_no: int, started: float, finished: float) -> None:
+        key = (batch_no, started)
+        if st.last_chunk != key:
+            st.last_chunk = key
+            st.busy_s += max(0.0, finished - started)
+        st.first_start = started if st.first_start is None else min(st.first_start, started)
+        st.last_finish = finished if st.last_finish is None else max(st.last_finish, finished)
+
+    def item_done(self, msg: ItemDone) -> None:
+        if self.inflight[msg.slot].pop(msg.item_id, None) is None:
+            log.warning("result for %s from %s that was not in flight; ignored",
+                        msg.item_id, self.labels[msg.slot])
+            return
+        self.journal.mark_done(msg.item_id, msg.output, msg.model, msg.batch_size,
+                               msg.started, msg.finished)
+        st = self.stats[msg.slot]
+        st.items += 1
+        st.models[msg.model] = st.models.get(msg.model, 0) + 1
+        for k, v in msg.metrics.items():
+            st.metrics[k] = st.metrics.get(k, 0.0) + float(v)
+        self._busy(st, msg.batch_no, msg.started, msg.finished)
+        self.progress.advance(msg.slot, 1)
+
+    def item_failed(self, msg: ItemFailed, pid: int | None) -> None:
+        item = self.inflight[msg.slot].pop(msg.item_id, None)
+        if item is None:
+            return
+        st = self.stats[msg.slot]
+        self._busy(st, msg.batch_no, msg.started, msg.finished)
+        attempt = self.journal.attempts(msg.item_id)
+        if msg.permanent or attempt >= self.max_attempts:
+            self._fail(item.id, msg.slot, pid, attempt, msg.error, msg.traceback, None, msg.model)
+        else:
+            self.journal.mark_pending(item.id, error=msg.error)
+            self.scheduler.requeue([item], suspect=False)
+            log.warning("item %s failed on %s (attempt %d/%d), will retry: %s",
+                        item.id, self.labels[msg.slot], attempt, self.max_attempts, msg.error)
+
+    def _fail(self, item_id: str, slot: int, pid: int | None, attempt: int, error: str,
+              tb: str, exit_code: int | None, model: str | None) -> None:
+        now = time.time()
+        self.journal.mark_failed(item_id, error, now, model)
+        atomic_write_json(self.rundir.error_file(item_id), {
+            "item": item_id, "device": self.labels[slot], "slot": slot, "pid": pid,
+            "attempt": attempt, "max_attempts": self.max_attempts, "exit_code": exit_code,
+            "error": error, "traceback": tb or None, "time": now,
+        })
+        self.stats[slot].failed += 1
+        self.progress.advance(slot, 0, failed=1)
+        log.error("FAILED %s on %s: %s", item_id, self.labels[slot], error)
+
+    def batch_done(self, msg: BatchDone) -> None:
+        if not self.inflight[msg.slot]:
+            self.progress.slot_state(msg.slot, "idle")
+
+    def worker_ready(self, slot: Slot, msg: Ready) -> None:
+        self.stats[slot.index].pids.append(msg.pid)
+        self.progress.slot_state(slot.index, f"ready ({msg.model}, {msg.load_s:.1f}s)")
+        log.info("worker %s ready: %s", slot.label, msg.identity)
+
+    def rung_changed(self, msg: RungChanged) -> None:
+        self.stats[msg.slot].rungs.append((msg.model, msg.batch_size, msg.reason))
+        self.note(f"{self.labels[msg.slot]}: {msg.reason} -> model {msg.model}, batch {msg.batch_size}")
+
+    # ---- deaths and stops ------------------------------------------------------------------
+    def worker_gone(self, slot: Slot, pid: int | None, why: str, restartable: bool,
+                    quiet: bool, exit_code: int | None = None) -> None:
+        """A worker process ended. ``quiet``: an orderly end (stop, exhausted chain)."""
+        items = list(self.inflight[slot.index].values())
+        self.inflight[slot.index].clear()
+        if not quiet:
+            self.stats[slot.index].deaths += 1
+            self.note(f"worker {slot.label} (pid {pid}) died: {why}; {len(items)} item(s) in "
+                      f"flight go back to the queue" + ("" if restartable else "; slot lost"))
+        requeue = []
+        for item in items:
+            if quiet:
+                self.journal.mark_pending(item.id, refund=True)
+                continue
+            attempt = self.journal.attempts(item.id)
+            error = (f"worker died ({why}) on {slot.label} (pid {pid}) while processing "
+                     f"{item.id}, attempt {attempt}/{self.max_attempts}")
+            if attempt >= self.max_attempts:
+                self._fail(item.id, slot.index, pid, attempt,
+                           error + "; quarantined: it killed every worker that ran it", "",
+                           exit_code, None)
+            else:
+                self.journal.mark_pending(item.id, error=error)
+                requeue.append(item)
+        self.scheduler.requeue(requeue, suspect=len(requeue) > 0)
+        self.progress.slot_state(slot.index, "stopped" if quiet else f"died: {why}")
+
+    def stop_requested(self, signame: str, grace_s: float) -> None:
+        self.stop_requested_at = time.time()
+        self.stop_signal = signame
+        self.note(f"{signame}: no new work; in-flight batches may finish for {grace_s:.0f}s "
+                  f"(press Ctrl-C again to stop now)")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        log.warning(text)
+        self.progress.message(text)
+
+    def tick(self) -> None:
+        self.journal.maybe_commit()
+        self.progress.refresh()

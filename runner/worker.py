@@ -1,0 +1,220 @@
+"""The worker: one spawned process, one device slot, one model at a time.
+
+The controller started this process with the slot's environment already in place (the
+device mask, thread counts) and with SIGINT ignored, so nothing here sets either: by the
+time anything imports torch the process can only see its own device, as index 0. This
+module itself imports no accelerator stack; the task does, inside ``load_model``.
+
+Life of a worker::
+
+    log identity line -> instantiate task -> load first available rung -> Ready
+    loop: poll(pipe, timeout) -- EOF (controller gone) -> exit
+                              -- Stop -> exit 0
+                              -- Call -> run the batch through the ladder -> results
+
+The OOM ladder lives here, per worker: out of memory halves the batch size and retries
+the same items; at batch size 1 it loads the next model of the chain; it never steps back
+up. A batch that fails for another reason is retried item by item, so one bad item fails
+alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from runner.devices import MASK_VARIABLE
+from runner.messages import (BatchDone, Call, ChunkDone, ItemDone, ItemFailed, Ready, RungChanged,
+                             SlotExhausted, StartFailed, Stop, WorkerSpec)
+from runner.oom import free_memory, is_oom
+from runner.tasks.base import BadInput, Item, WriteContext
+
+
+def identity_line(spec: WorkerSpec) -> str:
+    """PID, slot, backend, device id, the mask as seen inside this process, threads."""
+    slot = spec.slot
+    var = MASK_VARIABLE.get(slot.backend, "CUDA_VISIBLE_DEVICES")
+    seen = os.environ.get(var, "<unset>")
+    return (f"PID={os.getpid()} slot={slot.index} backend={slot.backend} "
+            f"device={slot.label} {var}={seen!s} threads={slot.threads} "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} "
+            f"incarnation={spec.incarnation}")
+
+
+def _logger(spec: WorkerSpec) -> logging.Logger:
+    log = logging.getLogger(f"runner.worker.{spec.slot.index}")
+    log.propagate = False
+    handler = logging.FileHandler(spec.log_path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return log
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}"[:500]
+
+
+class _Ladder:
+    """The worker's position on the OOM ladder: which model, which batch size."""
+
+    def __init__(self, spec: WorkerSpec, task: Any, log: logging.Logger, conn: Connection):
+        self.spec, self.task, self.log, self.conn = spec, task, log, conn
+        self.rungs = [r for r in spec.rungs if r.available]
+        self.index = -1
+        self.batch_size = spec.batch_size
+        self.model: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.rungs[self.index].name
+
+    def load_next(self, reason: str) -> bool:
+        """Load the next available model; False when the chain is exhausted."""
+        self.model = None
+        free_memory(self.spec.slot.torch_device)
+        while self.index + 1 < len(self.rungs):
+            self.index += 1
+            rung = self.rungs[self.index]
+            try:
+                self.model = self.task.load_model(rung, self.spec.slot.torch_device)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self.log.warning("out of memory loading %s (%s): next model", rung.name, _one_line(exc))
+                free_memory(self.spec.slot.torch_device)
+                continue
+            if reason:
+                self.conn.send(RungChanged(self.spec.slot.index, rung.name, self.batch_size, reason))
+            return True
+        return False
+
+    def shrink(self) -> bool:
+        if self.batch_size <= 1:
+            return False
+        self.batch_size = max(1, self.batch_size // 2)
+        self.conn.send(RungChanged(self.spec.slot.index, self.name, self.batch_size,
+                                   "out of memory: batch halved"))
+        return True
+
+
+def _run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
+              conn: Connection) -> bool:
+    """Process one dispatched batch. Returns False when the slot is exhausted."""
+    task, slot = ladder.task, spec.slot
+    items = list(call.items)
+    i, single_until = 0, 0
+    while i < len(items):
+        size = 1 if i < single_until else ladder.batch_size
+        chunk: list[Item] = items[i:i + size]
+        started = time.time()
+        try:
+            results = task.process(ladder.model, chunk)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"task returned {len(results)} results for {len(chunk)} items")
+            ctx = WriteContext(Path(spec.run_dir), call.batch_no, slot.index, slot.label,
+                               ladder.name, len(chunk), i, len(chunk) == len(items))
+            outputs = task.write(chunk, results, ctx)
+        except Exception as exc:
+            if is_oom(exc):
+                log.warning("out of memory on batch of %d with %s: %s", len(chunk), ladder.name,
+                            _one_line(exc))
+                free_memory(slot.torch_device)
+                if ladder.shrink():
+                    continue
+                if ladder.load_next("out of memory at batch size 1: next model"):
+                    continue
+                error = (f"out of memory on {slot.label} with every model of the chain "
+                         f"({', '.join(r.name for r in ladder.rungs)}) at batch size 1")
+                now = time.time()
+                for item in items[i:]:
+                    conn.send(ItemFailed(slot.index, call.batch_no, item.id, error, "", True,
+                                         ladder.name, started, now))
+                conn.send(SlotExhausted(slot.index, error))
+                return False
+            if len(chunk) > 1:  # find the bad one: retry these items one by one
+                log.warning("batch of %d failed (%s); retrying one by one", len(chunk), _one_line(exc))
+                single_until = i + len(chunk)
+                continue
+            tb = traceback.format_exc()
+            log.error("item %s failed: %s\n%s", chunk[0].id, _one_line(exc), tb)
+            conn.send(ItemFailed(slot.index, call.batch_no, chunk[0].id, _one_line(exc), tb,
+                                 isinstance(exc, BadInput), ladder.name, started, time.time()))
+            i += 1
+            continue
+        finished = time.time()
+        conn.send(ChunkDone(slot.index, call.batch_no, tuple(
+            ItemDone(slot.index, call.batch_no, item.id, output, ladder.name, len(chunk),
+                     started, finished, task.item_metrics(item, result))
+            for item, result, output in zip(chunk, results, outputs))))
+        i += len(chunk)
+    conn.send(BatchDone(slot.index, call.batch_no))
+    return True
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    for name in ("numpy", "torch"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            (mod.random.seed if name == "numpy" else mod.manual_seed)(seed)
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a spawned worker process (module-level, so it pickles)."""
+    from hydra.utils import instantiate  # light: no accelerator stack
+
+    log = _logger(spec)
+    log.info(identity_line(spec))
+    # Library noise (progress bars, warnings) goes to this worker's log, not the terminal.
+    with open(spec.log_path, "ab", buffering=0) as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    parent = os.getppid()
+    try:
+        task = instantiate(spec.task_config, _convert_="all")
+        ladder = _Ladder(spec, task, log, conn)
+        t0 = time.time()
+        if not ladder.load_next(""):
+            error = f"out of memory loading every model of the chain on {spec.slot.label}"
+            conn.send(SlotExhausted(spec.slot.index, error))
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(spec.slot.threads)
+        _seed(spec.seed)
+        load_s = time.time() - t0
+        log.info("loaded %s on %s in %.2fs", ladder.name, spec.slot.label, load_s)
+        conn.send(Ready(spec.slot.index, os.getpid(), identity_line(spec), ladder.name, load_s))
+    except Exception as exc:
+        log.error("could not start: %s\n%s", _one_line(exc), traceback.format_exc())
+        conn.send(StartFailed(spec.slot.index, _one_line(exc), traceback.format_exc()))
+        return
+    while True:
+        try:
+            if not conn.poll(spec.poll_s):
+                if os.getppid() != parent:
+                    log.error("controller is gone; exiting")
+                    return
+                continue
+            msg = conn.recv()
+        except (EOFError, OSError):
+            log.info("controller closed the pipe; exiting")
+            return
+        if isinstance(msg, Stop):
+            log.info("stop requested; exiting")
+            return
+        if isinstance(msg, Call):
+            try:
+                if not _run_call(msg, ladder, spec, log, conn):
+                    return
+            except (BrokenPipeError, EOFError, OSError) as exc:
+                log.error("lost the controller while sending results (%s); exiting", exc)
+                return
