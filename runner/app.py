@@ -6,6 +6,8 @@ items left because every worker slot was lost) · 130 interrupted (resumable).
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
@@ -56,16 +58,33 @@ def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
         return _run(cfg, argv or sys.argv)
     except ConfigError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
-        log.error("could not start: %s", exc)
+        _to_log_files(logging.ERROR, f"could not start: {exc}")
         return EXIT_START
+
+
+def _to_log_files(level: int, msg: str) -> None:
+    """Record ``msg`` in runner.log without repeating on the console the line just printed."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _run(cfg: DictConfig, argv: list[str]) -> int:
     config_mod.validate(cfg)
+    if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
+                          "or use executor=local")
     rundir = RunDir(Path(HydraConfig.get().runtime.output_dir)).make()
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task = hydra.utils.instantiate(cfg.task, _convert_="all")
     inventory = None if cfg.dry_run else devices_mod.discover(_backends_to_probe(cfg.devices.backend))
+    if cfg.dry_run and cfg.devices.backend == "auto" and cfg.devices.ids is None:
+        # auto must plan what a real run would get: nvidia-smi looks without importing
+        # torch; the XPU probe needs torch (in a subprocess), so a dry run skips it.
+        found = devices_mod.discover(("cuda",))
+        inventory = dataclasses.replace(found, notes=found.notes + (
+            "xpu: not probed in a dry run (the probe imports torch in a subprocess)",))
     slots = devices_mod.make_slots(cfg.devices, inventory)
     backends = sorted({s.backend for s in slots})
     task.check(frozenset(backends))
@@ -154,12 +173,15 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
         return WorkerSpec(slot, incarnation, task_cfg, tuple(chains[slot.backend]), batch_size,
                           str(rundir.root), str(rundir.worker_log(slot.index)), cfg.seed)
 
-    if cfg.executor.kind == "ray":
-        from runner.executor_ray import RayExecutor as Executor  # optional extra
+    e = cfg.executor
+    args = (sup, make_spec, e.max_restarts, e.grace_s, e.stop_timeout_s, e.start_timeout_s,
+            cfg.chunking.prefetch)
+    if e.kind == "ray":
+        from runner.executor_ray import RayExecutor  # optional extra
+
+        ex = RayExecutor(*args, address=e.address, run_dir=rundir.root)
     else:
-        Executor = LocalExecutor
-    ex = Executor(sup, make_spec, cfg.executor.max_restarts, cfg.executor.grace_s,
-                  cfg.executor.stop_timeout_s, cfg.executor.start_timeout_s, cfg.chunking.prefetch)
+        ex = LocalExecutor(*args)
     t0 = time.time()
     try:
         ex.run(slots)
@@ -214,8 +236,32 @@ def _hydra_main(cfg: DictConfig) -> int:
     return code
 
 
+def check_resume(argv: list[str]) -> None:
+    """Find the run ``resume.run=...`` names before Hydra does, so that a missing one is a
+    one-line error (exit 1) rather than Hydra's traceback of a failed interpolation."""
+    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume.run=")]
+    if (not values or values[-1] in ("", "null", "None") or "," in values[-1]
+            or any(a in ("-m", "--multirun") for a in argv[1:])):
+        return
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv[1:] if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        outputs, task = cfg.outputs, cfg.task.name
+    except Exception:  # a bad override: Hydra itself reports it next
+        return
+    resume_mod.find_run(outputs, task, values[-1])
+
+
 def main() -> None:
     setup()
     sys.argv = config_mod.rewrite_argv(sys.argv)
+    try:
+        check_resume(sys.argv)
+    except ConfigError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_START)
     _hydra_main()
     sys.exit(_Worst.code)

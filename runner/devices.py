@@ -13,6 +13,7 @@ A slot is one worker process: its backend, device id, thread count and the exact
 environment it starts with. The isolation variable (``CUDA_VISIBLE_DEVICES=<id>`` or
 ``ZE_AFFINITY_MASK=<id>``, a plain ordinal: ``0.0`` is invalid under the FLAT hierarchy) is
 part of that environment, so the worker sees its card as index 0 before torch is imported.
+``RUNNER_SLOT=<index>`` is there too, so a task can tell its workers apart.
 """
 from __future__ import annotations
 
@@ -169,19 +170,21 @@ def make_slots(cfg, inventory: Inventory | None) -> list[Slot]:
         n = (cfg.count if cfg.count is not None else 1) * per
         threads = cfg.threads_per_worker or max(1, cores // n)
         return [
-            Slot(i, "cpu", None, threads, _env(None, None, threads)) for i in range(n)
+            Slot(i, "cpu", None, threads, _env(i, None, None, threads)) for i in range(n)
         ]
     ids = _device_ids(cfg, backend, inventory)
     threads = cfg.threads_per_worker or max(1, min(4, cores // (len(ids) * per)))
     slots = []
     for dev in ids:
         for _ in range(per):
-            slots.append(Slot(len(slots), backend, dev, threads, _env(backend, dev, threads)))
+            slots.append(Slot(len(slots), backend, dev, threads,
+                              _env(len(slots), backend, dev, threads)))
     return slots
 
 
-def _env(backend: str | None, device_id: int | None, threads: int) -> dict[str, str]:
+def _env(index: int, backend: str | None, device_id: int | None, threads: int) -> dict[str, str]:
     env = {
+        "RUNNER_SLOT": str(index),  # the worker's slot: lets a task tell its workers apart
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",

@@ -182,22 +182,33 @@ class LocalExecutor:
                 return
             if not stopping and not self.sup.in_flight() and not self.sup.scheduler.has_work():
                 return
-            waitables = {}
-            for w in self.workers.values():
-                waitables[w.conn] = w
-                waitables[w.process.sentinel] = w
-            for obj in wait(list(waitables), timeout=0.2):
-                w = waitables[obj]
-                if self.workers.get(w.slot.index) is not w:
-                    continue
-                if obj is w.conn:
-                    if not self._drain(w):
-                        self._died(w)
-                else:
-                    self._drain(w)
-                    self._died(w)
+            self._wait_once(0.2)
             self._check_start_timeouts()
             self.sup.tick()
+
+    def _wait_once(self, timeout: float) -> None:
+        """Wait for results or deaths (pipes and sentinels together), handle what came."""
+        waitables = {}
+        for w in self.workers.values():
+            waitables[w.conn] = w
+            waitables[w.process.sentinel] = w
+        for obj in wait(list(waitables), timeout=timeout):
+            w = waitables[obj]
+            if self.workers.get(w.slot.index) is not w:
+                continue
+            if obj is w.conn:
+                if not self._drain(w):
+                    self._died(w)
+            else:
+                self._drain(w)
+                self._died(w)
+
+    def _send(self, w: _Worker, call: Call) -> bool:
+        try:
+            w.conn.send(call)
+            return True
+        except (OSError, ValueError):
+            return False
 
     def _dispatch(self) -> None:
         for w in list(self.workers.values()):
@@ -206,9 +217,7 @@ class LocalExecutor:
                 if not batch:
                     break
                 call = Call(self.sup.journal.next_batch_no(), tuple(batch))
-                try:
-                    w.conn.send(call)
-                except (OSError, ValueError):
+                if not self._send(w, call):
                     self.sup.unsent(w.slot, batch)
                     break
                 self.sup.sent(w.slot, call)
@@ -248,16 +257,20 @@ class LocalExecutor:
         else:
             log.warning("unknown message from %s: %r", w.slot.label, msg)
 
-    def _died(self, w: _Worker) -> None:
+    def _reap(self, w: _Worker) -> int | None:
+        """Make sure a worker that looks dead is dead; its exit code."""
         w.process.join(1.0)
         if w.process.is_alive():  # pipe broke but the process lingers: make it a death
             w.process.kill()
             w.process.join(5.0)
-        code = w.process.exitcode
-        del self.workers[w.slot.index]
         with contextlib.suppress(OSError):
             w.conn.close()
-        why = w.failed_to_start or exit_name(code)
+        return w.process.exitcode
+
+    def _died(self, w: _Worker, reason: str = "") -> None:
+        code = self._reap(w)
+        del self.workers[w.slot.index]
+        why = w.failed_to_start or reason or exit_name(code)
         restartable = not (w.exhausted or w.failed_to_start)
         restartable = restartable and self.restarts[w.slot.index] < self.max_restarts
         expected = w.exhausted and code == 0

@@ -6,7 +6,8 @@ Recognised as OOM (the ladder walks: halve the batch, then the next model):
   * MPS's ``RuntimeError: MPS backend out of memory``
   * messages from allocators such as "CUDA out of memory", "XPU out of memory",
     "UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY", "out of memory" with "CUBLAS_STATUS_ALLOC_FAILED"
-  * ``MemoryError`` (host memory)
+  * ``MemoryError`` and torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory",
+    a plain RuntimeError) -- host memory, for CPU workers
 Every other exception, RuntimeError included, is an item error.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ _OOM_MESSAGES = re.compile(
     r"|(CUDA|XPU|HIP) out of memory"
     r"|OUT_OF_DEVICE_MEMORY|OUT_OF_HOST_MEMORY"
     r"|CUBLAS_STATUS_ALLOC_FAILED"
+    r"|DefaultCPUAllocator: can't allocate memory"
     r"|out of memory\. Tried to allocate)",
     re.IGNORECASE,
 )

@@ -27,11 +27,16 @@ def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int]
             row["rtf"] = round(s.busy_s / s.metrics["media_s"], 4)
         slots.append(row)
     devices: dict[str, dict[str, Any]] = {}
+    models: dict[str, int] = {}
     for row in slots:
-        d = devices.setdefault(row["device"], {"items": 0, "busy_s": 0.0, "media_s": 0.0})
+        d = devices.setdefault(row["device"], {"items": 0, "busy_s": 0.0, "media_s": 0.0,
+                                               "models": {}})
         d["items"] += row["items"]
         d["busy_s"] += row["busy_s"]
         d["media_s"] += row.get("media_s", 0.0)
+        for model, n in row["models"].items():  # items per model per device
+            d["models"][model] = d["models"].get(model, 0) + n
+            models[model] = models.get(model, 0) + n
     for d in devices.values():
         d["items_per_s"] = round(d["items"] / d["busy_s"], 3) if d["busy_s"] > 0 else 0.0
         if d["media_s"] > 0:
@@ -47,6 +52,7 @@ def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int]
         if rates and wall_s > 0 else None,
         "counts": counts, "slots": slots, "devices": devices,
         "failures": [{"id": i, "error": e} for i, e in failures],
+        "models": models, "warnings": mixed_models_warning(models, devices),
         "notes": notes, **extra,
     }
     media = sum(d.get("media_s", 0.0) for d in devices.values())
@@ -54,6 +60,17 @@ def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int]
         summary["media_s"] = round(media, 3)
         summary["rtf"] = round(wall_s / media, 4)  # wall clock over audio: the run's own RTF
     return summary
+
+
+def mixed_models_warning(models: dict[str, int], devices: dict[str, dict[str, Any]]) -> list[str]:
+    """A run whose outputs came from more than one model (the OOM ladder moved) says so."""
+    if len(models) < 2:
+        return []
+    per_device = "; ".join(f"{dev}: " + ", ".join(f"{m} {n}" for m, n in d["models"].items())
+                           for dev, d in devices.items() if d["models"])
+    return [f"outputs mix {len(models)} models ({per_device}): the out-of-memory ladder moved "
+            f"some devices to a smaller model, so quality differs between items; the journal's "
+            f"model column says which item used which"]
 
 
 def print_table(summary: dict[str, Any]) -> str:
@@ -74,6 +91,8 @@ def print_table(summary: dict[str, Any]) -> str:
                  + (f", RTF {summary['rtf']:.3f}" if "rtf" in summary else ""))
     for f in summary["failures"][:10]:
         lines.append(f"failed: {f['id']}: {f['error']}")
+    for w in summary.get("warnings", []):
+        lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 

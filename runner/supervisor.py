@@ -11,7 +11,9 @@ report events here; this module owns the consequences, identically for every exe
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +46,17 @@ class SlotStats:
     last_chunk: tuple = ()
 
 
+def exit_label(code: int | None) -> str | None:
+    """A worker's exit code as people read it: SIGKILL for -9, 'exit 3' otherwise."""
+    if code is None:
+        return None
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal {-code}"
+    return f"exit {code}"
+
+
 class Supervisor:
     def __init__(self, journal: Journal, scheduler: Scheduler, rundir: RunDir, slots: list[Slot],
                  max_attempts: int, progress: Progress):
@@ -55,6 +68,9 @@ class Supervisor:
         self.stats = {s.index: SlotStats(s.label) for s in slots}
         self.labels = {s.index: s.label for s in slots}
         self.inflight: dict[int, dict[str, Item]] = {s.index: {} for s in slots}
+        # batches sent to each slot and not yet BatchDone, oldest first: a worker runs them
+        # in order, so at its death only the oldest one with items in flight had started.
+        self.calls: dict[int, list[tuple[int, tuple[str, ...]]]] = {s.index: [] for s in slots}
         self.notes: list[str] = []
         self.stop_requested_at: float | None = None
         self.stop_signal: str | None = None
@@ -69,6 +85,7 @@ class Supervisor:
         return batch
 
     def sent(self, slot: Slot, call: Call) -> None:
+        self.calls[slot.index].append((call.batch_no, tuple(item.id for item in call.items)))
         self.progress.slot_state(slot.index, "running")
 
     def unsent(self, slot: Slot, batch: list[Item]) -> None:
@@ -126,6 +143,7 @@ class Supervisor:
         atomic_write_json(self.rundir.error_file(item_id), {
             "item": item_id, "device": self.labels[slot], "slot": slot, "pid": pid,
             "attempt": attempt, "max_attempts": self.max_attempts, "exit_code": exit_code,
+            "exit": exit_label(exit_code),
             "error": error, "traceback": tb or None, "time": now,
         })
         self.stats[slot].failed += 1
@@ -133,6 +151,7 @@ class Supervisor:
         log.error("FAILED %s on %s: %s", item_id, self.labels[slot], error)
 
     def batch_done(self, msg: BatchDone) -> None:
+        self.calls[msg.slot] = [c for c in self.calls[msg.slot] if c[0] != msg.batch_no]
         if not self.inflight[msg.slot]:
             self.progress.slot_state(msg.slot, "idle")
 
@@ -149,20 +168,28 @@ class Supervisor:
     def worker_gone(self, slot: Slot, pid: int | None, why: str, restartable: bool,
                     quiet: bool, exit_code: int | None = None) -> None:
         """A worker process ended. ``quiet``: an orderly end (stop, exhausted chain)."""
-        items = list(self.inflight[slot.index].values())
-        self.inflight[slot.index].clear()
+        inflight = self.inflight[slot.index]
+        items = list(inflight.values())
+        # Only the oldest unfinished batch had started: its items are the suspects, charged
+        # an attempt and retried alone. Batches queued behind it never ran: refunded.
+        started = next((set(i for i in ids if i in inflight)
+                        for _, ids in self.calls[slot.index] if any(i in inflight for i in ids)),
+                       set(inflight))
+        self.calls[slot.index] = []
+        inflight.clear()
         if not quiet:
             self.stats[slot.index].deaths += 1
             self.note(f"worker {slot.label} (pid {pid}) died: {why}; {len(items)} item(s) in "
                       f"flight go back to the queue" + ("" if restartable else "; slot lost"))
-        requeue = []
+        requeue, unstarted = [], []
         for item in items:
-            if quiet:
+            if quiet or item.id not in started:
                 self.journal.mark_pending(item.id, refund=True)
+                unstarted.append(item)
                 continue
             attempt = self.journal.attempts(item.id)
-            error = (f"worker died ({why}) on {slot.label} (pid {pid}) while processing "
-                     f"{item.id}, attempt {attempt}/{self.max_attempts}")
+            error = (f"worker died ({why}) on {slot.label} (pid {pid}) while processing a batch "
+                     f"of {len(started)} with {item.id}, attempt {attempt}/{self.max_attempts}")
             if attempt >= self.max_attempts:
                 self._fail(item.id, slot.index, pid, attempt,
                            error + "; quarantined: it killed every worker that ran it", "",
@@ -170,7 +197,8 @@ class Supervisor:
             else:
                 self.journal.mark_pending(item.id, error=error)
                 requeue.append(item)
-        self.scheduler.requeue(requeue, suspect=len(requeue) > 0)
+        self.scheduler.requeue(requeue, suspect=True)
+        self.scheduler.requeue(unstarted, suspect=False)
         self.progress.slot_state(slot.index, "stopped" if quiet else f"died: {why}")
 
     def stop_requested(self, signame: str, grace_s: float) -> None:

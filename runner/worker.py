@@ -14,8 +14,11 @@ Life of a worker::
 
 The OOM ladder lives here, per worker: out of memory halves the batch size and retries
 the same items; at batch size 1 it loads the next model of the chain; it never steps back
-up. A batch that fails for another reason is retried item by item, so one bad item fails
-alone.
+up. Out of memory while loading a model goes straight to the next one. When the last model
+runs out of memory at batch size 1 the slot is exhausted: that one item fails here (the
+supervisor may retry it on another device), the rest of the worker's items go back to the
+queue, and the worker exits. A batch that fails for another reason is retried item by
+item, so one bad item fails alone.
 """
 from __future__ import annotations
 
@@ -80,6 +83,7 @@ class _Ladder:
         """Load the next available model; False when the chain is exhausted."""
         self.model = None
         free_memory(self.spec.slot.torch_device)
+        skipped = []
         while self.index + 1 < len(self.rungs):
             self.index += 1
             rung = self.rungs[self.index]
@@ -89,8 +93,12 @@ class _Ladder:
                 if not is_oom(exc):
                     raise
                 self.log.warning("out of memory loading %s (%s): next model", rung.name, _one_line(exc))
+                skipped.append(rung.name)
                 free_memory(self.spec.slot.torch_device)
                 continue
+            if skipped:  # the ladder moved at load time too: say so (summary, journal)
+                reason = "; ".join(filter(None, [reason, f"out of memory loading "
+                                                         f"{', '.join(skipped)}: next model"]))
             if reason:
                 self.conn.send(RungChanged(self.spec.slot.index, rung.name, self.batch_size, reason))
             return True
@@ -105,8 +113,8 @@ class _Ladder:
         return True
 
 
-def _run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
-              conn: Connection) -> bool:
+def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
+             conn: Any) -> bool:
     """Process one dispatched batch. Returns False when the slot is exhausted."""
     task, slot = ladder.task, spec.slot
     items = list(call.items)
@@ -133,9 +141,12 @@ def _run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger
                     continue
                 error = (f"out of memory on {slot.label} with every model of the chain "
                          f"({', '.join(r.name for r in ladder.rungs)}) at batch size 1")
+                # Only the item that needs more memory fails here (retryable: another device
+                # may have it, within checkpoint.max_attempts); the untried rest of this call
+                # and any prefetched call go back to the queue when this worker exits.
                 now = time.time()
-                for item in items[i:]:
-                    conn.send(ItemFailed(slot.index, call.batch_no, item.id, error, "", True,
+                for item in chunk:
+                    conn.send(ItemFailed(slot.index, call.batch_no, item.id, error, "", False,
                                          ladder.name, started, now))
                 conn.send(SlotExhausted(slot.index, error))
                 return False
@@ -167,17 +178,16 @@ def _seed(seed: int) -> None:
             (mod.random.seed if name == "numpy" else mod.manual_seed)(seed)
 
 
-def worker_main(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of a spawned worker process (module-level, so it pickles)."""
+def start_worker(spec: WorkerSpec, conn: Any) -> tuple[_Ladder, logging.Logger] | None:
+    """Identity line, task, first model, Ready. ``conn`` is anything with ``send``.
+
+    Shared by the process worker below and the Ray actor (runner/executor_ray.py).
+    Returns None when the worker cannot start (StartFailed/SlotExhausted already sent).
+    """
     from hydra.utils import instantiate  # light: no accelerator stack
 
     log = _logger(spec)
     log.info(identity_line(spec))
-    # Library noise (progress bars, warnings) goes to this worker's log, not the terminal.
-    with open(spec.log_path, "ab", buffering=0) as fh:
-        os.dup2(fh.fileno(), 1)
-        os.dup2(fh.fileno(), 2)
-    parent = os.getppid()
     try:
         task = instantiate(spec.task_config, _convert_="all")
         ladder = _Ladder(spec, task, log, conn)
@@ -185,7 +195,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         if not ladder.load_next(""):
             error = f"out of memory loading every model of the chain on {spec.slot.label}"
             conn.send(SlotExhausted(spec.slot.index, error))
-            return
+            return None
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(spec.slot.threads)
@@ -193,10 +203,24 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         load_s = time.time() - t0
         log.info("loaded %s on %s in %.2fs", ladder.name, spec.slot.label, load_s)
         conn.send(Ready(spec.slot.index, os.getpid(), identity_line(spec), ladder.name, load_s))
+        return ladder, log
     except Exception as exc:
         log.error("could not start: %s\n%s", _one_line(exc), traceback.format_exc())
         conn.send(StartFailed(spec.slot.index, _one_line(exc), traceback.format_exc()))
+        return None
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a spawned worker process (module-level, so it pickles)."""
+    # Library noise (progress bars, warnings) goes to this worker's log, not the terminal.
+    with open(spec.log_path, "ab", buffering=0) as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    parent = os.getppid()
+    started = start_worker(spec, conn)
+    if started is None:
         return
+    ladder, log = started
     while True:
         try:
             if not conn.poll(spec.poll_s):
@@ -213,7 +237,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             return
         if isinstance(msg, Call):
             try:
-                if not _run_call(msg, ladder, spec, log, conn):
+                if not run_call(msg, ladder, spec, log, conn):
                     return
             except (BrokenPipeError, EOFError, OSError) as exc:
                 log.error("lost the controller while sending results (%s); exiting", exc)

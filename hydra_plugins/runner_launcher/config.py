@@ -1,0 +1,44 @@
+"""The launcher's config, stored in Hydra's ConfigStore as ``hydra/launcher=runner``.
+
+``python -m runner -m ... --cfg hydra -p hydra.launcher`` shows these fields; set them on
+the command line as ``hydra.launcher.fail_fast=true`` and so on. The device pool itself is
+not configured here: it is the job's own ``devices`` group (``devices=cuda4`` -> four
+cards, one job on each at a time; ``devices=cpu2`` -> two CPU slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+LIVE_MODES = ("auto", "plain", "off")
+
+
+@dataclass
+class RunnerLauncherConf:
+    _target_: str = "hydra_plugins.runner_launcher.launcher.RunnerLauncher"
+    # Jobs at once. The pool is one lease per device of the job's `devices` group (cpu2: two
+    # CPU slots, cuda4: four cards); max_parallel caps it. An app without a `devices` group
+    # runs max_parallel jobs at once (null there means 1).
+    max_parallel: Optional[int] = None
+    # Seconds between two job starts (spreads model loading / downloads); 0 = no stagger.
+    stagger_s: float = 0.0
+    # true: after the first failed job (exception, killed, nonzero exit code) hand out no
+    # more jobs; the running ones finish. false: every job runs whatever the others do.
+    fail_fast: bool = False
+    # How long the launcher waits on job processes (their pipes and sentinels) before it
+    # looks again; it never blocks longer than this.
+    poll_s: float = 0.2
+    # Live view, one line per job (device, status, elapsed, items done), on stderr:
+    # auto = redrawn in place on a terminal, printed on every change otherwise | plain | off.
+    live: str = "auto"
+    # Plain live view: reprint at least this often while jobs run (and on every change).
+    live_every_s: float = 10.0
+    # true: a job's stdout/stderr go to <job dir>/console.log (its traceback lands there and
+    # in its own log the moment it fails), so the live view stays readable.
+    console_log: bool = True
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="runner", node=RunnerLauncherConf,
+                             provider="runner")

@@ -1,0 +1,196 @@
+"""The Ray executor: the same plan, supervisor and worker code, with an actor per slot.
+
+    Supervisor (controller, unchanged) ──Call──> actor.run.remote(call) ──> ObjectRef
+          ^                                        (runner.worker.run_call inside)
+          └── ray.wait(refs, timeout) ── messages ─┘   RayActorError = the worker died
+
+Only the mechanics differ from :class:`runner.executor.LocalExecutor`, which this class
+extends: an actor instead of a process, an ObjectRef instead of a pipe, RayActorError
+instead of a process sentinel. The journal, retries, quarantine, restarts, Ctrl-C handling,
+the summary and the exit codes are the supervisor's and the base class's, identical.
+
+Environment before import: each actor gets the slot's environment through
+``runtime_env={"env_vars": ...}``, which Ray applies when it starts the actor's process.
+On CUDA, Ray itself sets ``CUDA_VISIBLE_DEVICES`` for an actor created with ``num_gpus=1``,
+so the slot's own mask is left out there. ``executor.address=null`` starts a local Ray
+instance for the run with its temp dir under the run dir (through a short symlink in /tmp
+when the run dir path is too long for Ray's Unix sockets) and ``RAY_AUTH_MODE=disabled``;
+``auto`` or ``ray://host:port`` joins a cluster, where outputs must go to a run dir on
+storage every node mounts at the same path.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+except ImportError as exc:  # pragma: no cover - exercised when ray is absent
+    from runner.tasks.base import ConfigError
+
+    raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
+                      "or use executor=local") from exc
+
+from runner.devices import Slot
+from runner.executor import LocalExecutor, _Worker
+from runner.messages import Call, WorkerSpec
+from runner.worker import run_call, start_worker
+
+log = logging.getLogger("runner")
+
+
+class _Outbox:
+    """Stands in for the pipe inside an actor: collects what the worker code sends."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+
+    def send(self, msg: Any) -> None:
+        self.messages.append(msg)
+
+    def take(self) -> list:
+        out, self.messages = self.messages, []
+        return out
+
+
+class SlotActor:
+    """One slot's worker as a Ray actor (decorated with ray.remote at use)."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.outbox = _Outbox()
+        self.started = start_worker(spec, self.outbox)
+
+    def hello(self) -> list:
+        return self.outbox.take()
+
+    def run(self, call: Call) -> list:
+        if self.started is not None:
+            ladder, log_ = self.started
+            if not run_call(call, ladder, self.spec, log_, self.outbox):
+                self.started = None
+        return self.outbox.take()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@contextlib.contextmanager
+def _temp_dir(run_dir: Path | None):
+    """Ray's temp dir inside the run dir; Ray's socket paths must stay under ~107 bytes, so
+    a long run dir is reached through a short symlink in /tmp, removed afterwards."""
+    if run_dir is None:
+        yield None
+        return
+    target = run_dir / "ray"
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= 40:
+        yield str(target)
+        return
+    holder = Path(tempfile.mkdtemp(prefix="rr-"))
+    (holder / "r").symlink_to(target)
+    try:
+        yield str(holder / "r")
+    finally:
+        (holder / "r").unlink()
+        holder.rmdir()
+
+
+class RayExecutor(LocalExecutor):
+    def __init__(self, sup, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
+                 prefetch, address: str | None = None, run_dir: Path | None = None):
+        super().__init__(sup, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
+                         prefetch)
+        self.address = address
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.refs: dict[Any, tuple[_Worker, Call | None]] = {}
+
+    # ---- mechanics that differ ---------------------------------------------------------
+    def run(self, slots: list[Slot]) -> None:
+        if ray.is_initialized():  # a caller's own Ray session: use it as it is
+            super().run(slots)
+            return
+        with _temp_dir(None if self.address else self.run_dir) as temp:
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(num_cpus=max(2, sum(s.threads for s in slots)), include_dashboard=False,
+                         log_to_driver=False, _temp_dir=temp)
+            try:
+                super().run(slots)
+            finally:
+                ray.shutdown()
+
+    def _start(self, slot: Slot, incarnation: int) -> None:
+        spec = self.make_spec(slot, incarnation)
+        env = dict(slot.env)
+        if slot.backend == "cuda":
+            env.pop("CUDA_VISIBLE_DEVICES", None)  # Ray assigns the GPU
+        actor_cls = ray.remote(SlotActor).options(
+            num_cpus=slot.threads, num_gpus=1 if slot.backend == "cuda" else 0,
+            runtime_env={"env_vars": env}, max_restarts=0, max_concurrency=1)
+        actor = actor_cls.remote(spec)
+        w = _Worker(slot, incarnation, actor, None, time.monotonic())
+        self.workers[slot.index] = w
+        self.refs[actor.hello.remote()] = (w, None)
+
+    def _send(self, w: _Worker, call: Call) -> bool:
+        self.refs[w.process.run.remote(call)] = (w, call)
+        return True
+
+    def _wait_once(self, timeout: float) -> None:
+        if not self.refs:
+            time.sleep(timeout)
+            return
+        ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if ready:
+            more, _ = ray.wait([r for r in self.refs if r not in ready],
+                               num_returns=max(1, len(self.refs) - len(ready)), timeout=0)
+            ready = ready + more
+        for ref in ready:
+            entry = self.refs.pop(ref, None)
+            if entry is None:  # its actor was already reaped
+                continue
+            w = entry[0]
+            if self.workers.get(w.slot.index) is not w:
+                continue
+            try:
+                messages = ray.get(ref, timeout=self.stop_timeout_s)
+            except (RayActorError, GetTimeoutError) as exc:
+                self._died(w, reason=f"actor died ({exc.__class__.__name__})")
+                continue
+            for msg in messages:
+                self._handle(w, msg)
+            if w.exhausted or w.failed_to_start:
+                self._died(w)
+
+    def _reap(self, w: _Worker) -> int | None:
+        for ref in [r for r, (ww, _) in self.refs.items() if ww is w]:
+            del self.refs[ref]
+        with contextlib.suppress(Exception):
+            ray.kill(w.process, no_restart=True)
+        return 0 if w.exhausted else None  # an exhausted chain is an orderly end
+
+    def _check_start_timeouts(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if not w.ready and now - w.started_at > self.start_timeout_s:
+                self.sup.note(f"{w.slot.label} did not load its model within "
+                              f"{self.start_timeout_s:.0f}s; killing it")
+                self._died(w, reason="start timeout")
+
+    def _stop_all(self, deadline_s: float) -> None:
+        for w in list(self.workers.values()):
+            with contextlib.suppress(Exception):
+                ray.kill(w.process, no_restart=True)
+        self.refs.clear()
+
+    def _drain(self, w: _Worker) -> bool:
+        return True  # results arrive through ObjectRefs, handled in _wait_once

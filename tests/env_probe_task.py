@@ -1,0 +1,68 @@
+"""A test task that reports, from inside each worker, the environment the worker started with.
+
+Plugged in through ``_target_`` (``task=sleep task._target_=tests.env_probe_task.EnvProbeTask``).
+What it records for every item (``probe/<id>.json``):
+
+* ``pid`` of the worker, the device masks (``CUDA_VISIBLE_DEVICES``, ``ZE_AFFINITY_MASK``),
+  ``OMP_NUM_THREADS`` and ``RUNNER_SLOT`` as this process sees them;
+* ``torch_at_import``: was torch already imported when this module was imported in the
+  worker (it must not be: the mask must be in place before anything imports torch);
+* ``torch_at_load``: was torch imported when ``load_model`` was entered;
+* ``threads_at_import``: ``torch.get_num_threads()`` right after this task imported torch
+  (what OMP_NUM_THREADS gave it) and ``threads``: at process time (after the worker's
+  ``torch.set_num_threads``).
+
+``use_torch=false`` skips torch altogether (a fast probe of the environment only).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+from runner.rundir import atomic_write_text, safe_name
+from runner.tasks.base import Item, ModelRung, Task, WriteContext
+
+TORCH_AT_IMPORT = "torch" in sys.modules
+ENV_AT_IMPORT = {k: os.environ.get(k) for k in
+                 ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "OMP_NUM_THREADS", "RUNNER_SLOT")}
+
+
+class EnvProbeTask(Task):
+    name = "probe"
+    output_dir = "probe"
+
+    def __init__(self, count: int = 8, use_torch: bool = True, **_: Any):
+        self.count = count
+        self.use_torch = use_torch
+        self.default_batch_size = 1
+
+    def discover(self) -> Iterator[Item]:
+        for i in range(self.count):
+            yield Item(f"item-{i:03d}", 1.0, str(i))
+
+    def model_chain(self, backend: str) -> list[ModelRung]:
+        return [ModelRung("probe", "probe", True, "test model")]
+
+    def load_model(self, rung: ModelRung, device: str) -> Any:
+        seen = {"pid": os.getpid(), "device": device, "torch_at_import": TORCH_AT_IMPORT,
+                "torch_at_load": "torch" in sys.modules, "env_at_import": ENV_AT_IMPORT,
+                **{k: os.environ.get(k) for k in ENV_AT_IMPORT}}
+        if self.use_torch:
+            import torch
+
+            seen["threads_at_import"] = torch.get_num_threads()
+        return seen
+
+    def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
+        threads = sys.modules["torch"].get_num_threads() if self.use_torch else None
+        return [{**model, "threads": threads} for _ in items]
+
+    def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
+        out = []
+        for it, r in zip(items, results):
+            rel = f"{self.output_dir}/{safe_name(it.id)}.json"
+            atomic_write_text(ctx.run_dir / rel, json.dumps({"id": it.id, "slot": ctx.slot, **r}))
+            out.append(rel)
+        return out

@@ -1,0 +1,195 @@
+"""Config composition and validation (issue 2).
+
+Composition goes through Hydra's own ``compose`` over conf/ after ``runner.app.setup()``,
+so the ConfigStore schemas and the YAML groups are checked together. Every value that
+``runner.config.validate`` checks has a case here, and each error must name the key, the
+bad value and what is allowed. The CLI cases run ``python -m runner`` in a subprocess.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from runner import app, config
+from runner.tasks.base import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+DEVICE_GROUPS = {  # option -> (backend, count)
+    "auto": ("auto", None), "cpu": ("cpu", 1), "cpu2": ("cpu", 2), "cpu4": ("cpu", 4),
+    "cuda1": ("cuda", 1), "cuda2": ("cuda", 2), "cuda4": ("cuda", 4), "cuda8": ("cuda", 8),
+    "arc1": ("xpu", 1), "arc2": ("xpu", 2),
+}
+
+
+def composed(*overrides: str):
+    app.setup()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- composition ----------------------------------------------------------------------------
+def test_defaults_compose_and_validate():
+    cfg = composed()
+    config.validate(cfg)
+    assert cfg.devices.name == "auto" and cfg.devices.backend == "auto"
+    assert cfg.chunking.strategy == "dynamic"
+    assert cfg.checkpoint.policy == "resume"
+    assert cfg.executor.kind == "local"
+    assert cfg.task.name == "subtitles"
+    assert cfg.dry_run is False and cfg.limit is None and cfg.batch_size is None
+
+
+@pytest.mark.parametrize("option", sorted(DEVICE_GROUPS))
+def test_every_devices_group_composes(option):
+    cfg = composed(f"devices={option}", "task=embed")
+    config.validate(cfg)
+    backend, count = DEVICE_GROUPS[option]
+    assert (cfg.devices.name, cfg.devices.backend, cfg.devices.count) == (option, backend, count)
+    assert cfg.devices.workers_per_device == 1 and cfg.devices.ids is None
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "size_balanced", "contiguous", "round_robin"])
+def test_every_chunking_group_composes(strategy):
+    cfg = composed(f"chunking={strategy}", "task=embed")
+    config.validate(cfg)
+    assert cfg.chunking.strategy == strategy
+
+
+def test_groups_and_top_level_keys_compose_together():
+    cfg = composed("task=embed", "devices=cuda4", "devices.ids=[1,3]", "chunking=round_robin",
+                   "checkpoint=off", "limit=7", "batch_size=16", "seed=3", "dry_run=true",
+                   "task.models=[a,b]", "task.text_field=body")
+    config.validate(cfg)
+    assert list(cfg.devices.ids) == [1, 3]
+    assert cfg.checkpoint.policy == "off"
+    assert (cfg.limit, cfg.batch_size, cfg.seed, cfg.dry_run) == (7, 16, 3, True)
+    assert cfg.task._target_ == "runner.tasks.embed.EmbedTask"
+    assert list(cfg.task.models) == ["a", "b"] and cfg.task.text_field == "body"
+
+
+def test_schema_rejects_unknown_key_and_wrong_type():
+    with pytest.raises(Exception, match="devices.colour|colour"):
+        composed("devices=cpu", "devices.colour=red")
+    with pytest.raises(Exception, match="batch_size"):
+        composed("batch_size=lots")
+
+
+def test_rewrite_argv_moves_resume_under_resume_run():
+    assert config.rewrite_argv(["runner", "resume=latest", "+resume=x", "limit=3"]) == [
+        "runner", "resume.run=latest", "resume.run=x", "limit=3"]
+
+
+# ---- validation: one case per validated field ---------------------------------------------
+# (override, key named in the error, value shown, words that say what is allowed)
+BAD = [
+    ("devices.backend=tpu", "devices.backend", "'tpu'", "auto, cpu, cuda, xpu"),
+    ("devices.count=0", "devices.count", "0", "integer >= 1"),
+    ("devices.workers_per_device=0", "devices.workers_per_device", "0", "integer >= 1"),
+    ("devices.threads_per_worker=-2", "devices.threads_per_worker", "-2", "integer >= 1"),
+    ("devices.ids=[]", "devices.ids", "[]", "non-empty list of ids >= 0"),
+    ("devices.ids=[-1]", "devices.ids", "[-1]", "ids >= 0"),
+    ("devices.ids=[1,1]", "devices.ids", "[1, 1]", "names a device twice"),
+    ("chunking.strategy=striped", "chunking.strategy", "'striped'",
+     "dynamic, size_balanced, contiguous, round_robin"),
+    ("chunking.prefetch=0", "chunking.prefetch", "0", "integer >= 1"),
+    ("checkpoint.policy=sometimes", "checkpoint.policy", "'sometimes'", "resume, off"),
+    ("checkpoint.max_attempts=0", "checkpoint.max_attempts", "0", "integer >= 1"),
+    ("executor.kind=slurm", "executor.kind", "'slurm'", "local, ray"),
+    ("executor.max_restarts=-1", "executor.max_restarts", "-1", ">= 0"),
+    ("batch_size=0", "batch_size", "0", "integer >= 1"),
+    ("limit=-5", "limit", "-5", ">= 0"),
+    ("progress=fancy", "progress", "'fancy'", "auto, rich, plain, off"),
+]
+
+
+@pytest.mark.parametrize("override,key,value,allowed", BAD, ids=[b[0] for b in BAD])
+def test_validate_names_key_value_and_allowed(override, key, value, allowed):
+    base = "devices=cuda2" if override.startswith("devices.ids") else "devices=cpu2"
+    cfg = composed("task=embed", base, override)
+    with pytest.raises(ConfigError) as err:
+        config.validate(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"{key}=" in msg and value in msg and allowed in msg, msg
+
+
+def test_validate_ids_on_cpu_backend_says_what_to_use():
+    cfg = composed("task=embed", "devices=cpu2", "devices.ids=[1]")
+    with pytest.raises(ConfigError, match=r"devices\.ids is for cuda/xpu.*devices\.count"):
+        config.validate(cfg)
+
+
+def test_validate_resume_without_journal():
+    cfg = composed("task=embed", "checkpoint=off", "resume.run=latest")
+    with pytest.raises(ConfigError, match=r"resume needs a journal.*checkpoint=resume"):
+        config.validate(cfg)
+
+
+def test_validate_task_without_target():
+    cfg = composed("task=sleep", "~task._target_")
+    assert "_target_" not in cfg.task
+    with pytest.raises(ConfigError, match=r"task has no _target_.*task=embed\|subtitles"):
+        config.validate(cfg)
+
+
+def test_every_bad_value_case_differs_from_a_good_config():
+    """Guard for the table above: without its override each case validates."""
+    for override, *_ in BAD:
+        base = "devices=cuda2" if override.startswith("devices.ids") else "devices=cpu2"
+        config.validate(composed("task=embed", base))
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_cli_cfg_job_prints_the_composed_config(tmp_path):
+    r = cli("--cfg", "job", "task=embed", "devices=cuda4", "chunking=size_balanced",
+            f"outputs={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["devices"] == {"name": "cuda4", "backend": "cuda", "count": 4, "ids": None,
+                              "workers_per_device": 1, "threads_per_worker": None}
+    assert cfg["chunking"]["strategy"] == "size_balanced"
+    assert cfg["task"]["_target_"] == "runner.tasks.embed.EmbedTask"
+    assert cfg["task"]["models"] == ["all-MiniLM-L6-v2"]
+    # the same thing compose() gives (printing the config must not run anything)
+    expect = OmegaConf.to_container(composed("task=embed", "devices=cuda4",
+                                             "chunking=size_balanced", f"outputs={tmp_path}"))
+    assert cfg == expect
+    assert not any(tmp_path.iterdir()), "--cfg job must not create a run dir"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override,key,value,allowed", [
+    ("chunking.strategy=striped", "chunking.strategy", "'striped'", "round_robin"),
+    ("batch_size=0", "batch_size", "0", "integer >= 1"),
+    ("devices.backend=tpu", "devices.backend", "'tpu'", "auto, cpu, cuda, xpu"),
+])
+def test_cli_bad_value_is_exit_1_and_one_line(tmp_path, override, key, value, allowed):
+    r = cli("task=embed", "devices=cpu2", override, f"outputs={tmp_path}", "progress=off")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("runner: error: ")
+    assert f"{key}=" in lines[0] and value in lines[0] and allowed in lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_cli_unknown_group_option_is_exit_1_naming_the_options(tmp_path):
+    # Hydra itself reports an option that is not in conf/ (several lines, no traceback).
+    r = cli("task=embed", "devices=cuda3", f"outputs={tmp_path}")
+    assert r.returncode == 1
+    assert "devices/cuda3" in r.stderr and "cuda4" in r.stderr and "arc2" in r.stderr
+    assert "Traceback" not in r.stderr
