@@ -30,7 +30,7 @@ from runner.progress import make_progress
 from runner.rundir import RunDir, atomic_write_json, atomic_write_text
 from runner.scheduler import Scheduler
 from runner.supervisor import Supervisor
-from runner.tasks.base import ConfigError, FinalizeContext
+from runner.tasks.base import BadItem, ConfigError, FinalizeContext
 
 log = logging.getLogger("runner")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -50,6 +50,14 @@ def _backends_to_probe(backend: str) -> tuple[str, ...]:
 
 def _limited(it, limit):
     return it if limit is None else itertools.islice(it, limit)
+
+
+def _noting_bad(it, bad: list):
+    """Pass discovery through, keeping the BadItems (their error files are written later)."""
+    for obj in it:
+        if isinstance(obj, BadItem):
+            bad.append(obj)
+        yield obj
 
 
 def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
@@ -76,9 +84,17 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
         raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
                           "or use executor=local")
     rundir = RunDir(Path(HydraConfig.get().runtime.output_dir)).make()
+    provenance.write_run_files(rundir.root, cfg)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task = hydra.utils.instantiate(cfg.task, _convert_="all")
-    inventory = None if cfg.dry_run else devices_mod.discover(_backends_to_probe(cfg.devices.backend))
+    if cfg.dry_run:
+        inventory = None
+    elif cfg.executor.kind == "ray" and cfg.executor.address:
+        from runner.executor_ray import cluster_inventory  # slots from the cluster's resources
+
+        inventory = cluster_inventory(cfg.executor.address)
+    else:
+        inventory = devices_mod.discover(_backends_to_probe(cfg.devices.backend))
     if cfg.dry_run and cfg.devices.backend == "auto" and cfg.devices.ids is None:
         # auto must plan what a real run would get: nvidia-smi looks without importing
         # torch; the XPU probe needs torch (in a subprocess), so a dry run skips it.
@@ -111,7 +127,12 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
 
 
 def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backends, resume_info):
-    journal.add(_limited(task.discover(), cfg.limit))
+    bad: list[BadItem] = []
+    journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
+    if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
+        for b in bad:
+            atomic_write_json(rundir.error_file(b.id), {
+                "item": b.id, "stage": "discovery", "error": b.error, "time": time.time()})
     recovered = journal.recover(cfg.resume.retry_failed)
     counts_before = journal.counts()
     chains = {b: task.model_chain(b) for b in backends}
@@ -151,7 +172,7 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
             fh.write(json.dumps(resume_info) + "\n")
     atomic_write_json(rundir.versions, provenance.collect(
         {"cpu_cores": inventory.cpu_cores, "cuda": inventory.cuda, "xpu": inventory.xpu,
-         "notes": inventory.notes}, argv))
+         "nodes": inventory.nodes, "notes": inventory.notes}, argv))
     log.info("run dir %s: %d item(s) to do on %d slot(s)", rundir.root, count, len(slots))
     return _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size,
                       scheduler, load, count)
@@ -184,12 +205,13 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
         ex = LocalExecutor(*args)
     t0 = time.time()
     try:
-        ex.run(slots)
+        if count:  # a resume with nothing left to do starts no worker (and loads no model)
+            ex.run(slots)
     finally:
         progress.close()
         journal.commit()
     wall = time.time() - t0
-    extra = task.finalize(FinalizeContext(rundir.root, tuple(journal.done_rows())))
+    extra = task.finalize(FinalizeContext(rundir.root, journal.done_view()))
     counts = journal.counts()
     interrupted = ex.interrupts.count > 0
     left = counts["pending"] + counts["running"]

@@ -37,6 +37,7 @@ class Inventory:
     cuda: tuple[str, ...] = ()  # one name per card, index = device id
     xpu: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # how each was found, or why not
+    nodes: int = 1  # machines (a Ray cluster has several; devices groups are per node)
 
     def count(self, backend: str) -> int:
         return {"cuda": len(self.cuda), "xpu": len(self.xpu)}.get(backend, self.cpu_cores)
@@ -109,8 +110,10 @@ def _discover_xpu(notes: list[str]) -> tuple[str, ...]:
     probe = ("import torch; n = torch.xpu.device_count() if hasattr(torch, 'xpu') else 0\n"
              "print('\\n'.join(torch.xpu.get_device_name(i) for i in range(n)))")
     try:
+        # machine ids, as nvidia-smi gives for CUDA: a sweep job's own mask must not hide cards
+        env = {k: v for k, v in os.environ.items() if k != "ZE_AFFINITY_MASK"}
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             timeout=120, check=True).stdout
+                             timeout=120, check=True, env=env).stdout
     except (subprocess.SubprocessError, OSError) as exc:
         notes.append(f"xpu: torch.xpu probe failed ({exc.__class__.__name__})")
         return ()
@@ -167,7 +170,8 @@ def make_slots(cfg, inventory: Inventory | None) -> list[Slot]:
     cores = inventory.cpu_cores if inventory is not None else _cpu_cores()
     per = cfg.workers_per_device
     if backend == "cpu":
-        n = (cfg.count if cfg.count is not None else 1) * per
+        nodes = inventory.nodes if inventory is not None else 1
+        n = (cfg.count if cfg.count is not None else 1) * per * nodes
         threads = cfg.threads_per_worker or max(1, cores // n)
         return [
             Slot(i, "cpu", None, threads, _env(i, None, None, threads)) for i in range(n)

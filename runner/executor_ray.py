@@ -37,12 +37,32 @@ except ImportError as exc:  # pragma: no cover - exercised when ray is absent
     raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
                       "or use executor=local") from exc
 
-from runner.devices import Slot
+from runner.devices import Inventory, Slot
 from runner.executor import LocalExecutor, _Worker
 from runner.messages import Call, WorkerSpec
 from runner.worker import run_call, start_worker
 
 log = logging.getLogger("runner")
+
+
+def cluster_inventory(address: str) -> Inventory:
+    """What a Ray cluster offers, as an Inventory: GPUs in total, CPUs per node, nodes.
+
+    CUDA slots on a cluster are counted from the cluster's GPUs (Ray places each actor and
+    sets its CUDA_VISIBLE_DEVICES); CPU groups (cpu2, ...) are per node, times the nodes.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, log_to_driver=False)
+    try:
+        res = ray.cluster_resources()
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+    finally:
+        ray.shutdown()
+    gpus = int(res.get("GPU", 0))
+    return Inventory(cpu_cores=max(1, int(res.get("CPU", 1)) // nodes),
+                     cuda=tuple(f"cluster GPU {i}" for i in range(gpus)), nodes=nodes,
+                     notes=(f"ray cluster at {address}: {nodes} node(s), "
+                            f"{int(res.get('CPU', 0))} CPU(s), {gpus} GPU(s)",))
 
 
 class _Outbox:

@@ -38,7 +38,14 @@ class RunDirResolver:
     def _resolve(outputs: str, task: str, resume: str | None) -> str:
         if resume in (None, "", "None", "null"):
             base = Path(outputs) / task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
-            return str(base if not base.exists() else base.with_name(f"{base.name}-{os.getpid()}"))
+            for path in (base, base.with_name(f"{base.name}-{os.getpid()}")):
+                try:  # claim it: a run started in the same microsecond gets the -<pid> one
+                    path.mkdir(parents=True, exist_ok=False)
+                    return str(path)
+                except FileExistsError:
+                    continue
+            raise ConfigError(f"run dir {base} and its -{os.getpid()} variant both exist; "
+                              f"start the run again")
         return str(find_run(outputs, task, resume))
 
 

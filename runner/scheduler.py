@@ -128,8 +128,7 @@ class Scheduler:
         """A slot gone for good: its own list becomes everyone's."""
         self.lost.add(slot)
         cur = self.own.pop(slot, None)
-        if cur is not None:
-            self.retry.extend((item, False) for item in cur.buffer)
+        if cur is not None:  # _take drains the cursor's buffer first, then pages the rest
             while batch := self._take(cur, self.page):
                 self.retry.extend((item, False) for item in batch)
 

@@ -112,3 +112,33 @@ def test_ray_missing_is_one_line_error(tmp_path):
     assert p.returncode == 1
     lines = [l for l in p.stderr.splitlines() if l.startswith("runner: error:")]
     assert len(lines) == 1 and "pip install" in lines[0] and "executor=local" in lines[0]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'runner[ray]')")
+def test_cluster_address_counts_slots_from_cluster(tmp_path):
+    """executor.address=<head>: the plan counts slots from the cluster's resources."""
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp = tempfile.mkdtemp(prefix="rt-")  # Ray's socket paths must stay short
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=3",
+                    f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        p = cli("task=sleep", "task.count=12", "task.ms=5", "devices=cpu2", "executor=ray",
+                f"executor.address=127.0.0.1:{port}", f"outputs={tmp_path}", "progress=off")
+        assert p.returncode == 0, p.stderr[-3000:]
+        run = only_run(tmp_path, "sleep")
+        plan = (run / "plan.yaml").read_text()
+        assert "ray cluster at 127.0.0.1" in plan and "1 node(s), 3 CPU(s)" in plan
+        summary = json.loads((run / "summary.json").read_text())
+        assert len(summary["slots"]) == 2 and summary["items_done"] == 12  # cpu2 x 1 node
+        assert not (run / "ray").exists()  # a cluster keeps its own temp dir
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -14,10 +14,11 @@ makes no GPU context):
 
 A lease's ``env`` is the slot's environment (device mask, thread counts) plus
 ``RUNNER_SWEEP_DEVICE=<label>``; the launcher puts it in place around ``Process.start()``,
-so the job process sees only its device from its first instruction. Pins are ordinary
-Hydra overrides appended to the job's own, so ``.hydra/overrides.yaml`` and ``rerun.sh``
-say exactly which device the job had. An app without a ``devices`` group gets
-``max_parallel`` plain leases with no environment and no pins.
+so the job process sees only its device from its first instruction. Pins are set in the
+job's composed config (not added to its overrides, so ``hydra.job.override_dirname`` and
+the job's directory do not depend on which device it drew): ``.hydra/config.yaml`` shows
+them, and the job's ``rerun.sh`` repeats them as overrides. An app without a ``devices``
+group gets ``max_parallel`` plain leases with no environment and no pins.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 LEASE_VARIABLE = "RUNNER_SWEEP_DEVICE"
-PIN_KEYS = ("devices.",)  # overrides whose key starts with these may be the launcher's pins
 
 _PROBE = {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}
 
@@ -42,7 +42,7 @@ class Lease:
     device_id: Optional[int]
     threads: Optional[int]
     env: dict[str, str] = field(default_factory=dict)  # set before the job process starts
-    pins: tuple[str, ...] = ()  # overrides that make the job's `devices` this one device
+    pins: dict[str, Any] = field(default_factory=dict)  # key -> value set in the job's config
 
 
 def make_pool(config: DictConfig, max_parallel: Optional[int]) -> list[Lease]:
@@ -57,8 +57,8 @@ def make_pool(config: DictConfig, max_parallel: Optional[int]) -> list[Lease]:
     leases: list[Lease] = []
     if slots[0].backend == "cpu":
         for s in slots:
-            pins = ("devices.backend=cpu", "devices.ids=null", "devices.count=1",
-                    "devices.workers_per_device=1", f"devices.threads_per_worker={s.threads}")
+            pins = {"devices.backend": "cpu", "devices.ids": None, "devices.count": 1,
+                    "devices.workers_per_device": 1, "devices.threads_per_worker": s.threads}
             leases.append(Lease(len(leases), f"cpu:{s.index}", "cpu", None, s.threads,
                                 {**s.env, LEASE_VARIABLE: f"cpu:{s.index}"}, pins))
     else:
@@ -67,16 +67,11 @@ def make_pool(config: DictConfig, max_parallel: Optional[int]) -> list[Lease]:
             if s.device_id in seen:
                 continue
             seen.add(s.device_id)
-            pins = (f"devices.backend={s.backend}", f"devices.ids=[{s.device_id}]",
-                    "devices.count=1", f"devices.threads_per_worker={s.threads}")
-            env = {k: v for k, v in s.env.items() if k != "RUNNER_SLOT"}
+            pins = {"devices.backend": s.backend, "devices.ids": [s.device_id],
+                    "devices.count": 1, "devices.threads_per_worker": s.threads}
             leases.append(Lease(len(leases), s.label, s.backend, s.device_id, s.threads,
-                                {**env, LEASE_VARIABLE: s.label}, pins))
+                                {**s.env, LEASE_VARIABLE: s.label}, pins))
     return leases[:max_parallel] if max_parallel else leases
-
-
-def is_pin(override: str, lease_pins: tuple[str, ...]) -> bool:
-    return override in lease_pins
 
 
 def describe(leases: list[Lease]) -> str:
@@ -85,4 +80,4 @@ def describe(leases: list[Lease]) -> str:
 
 def as_dict(lease: Lease) -> dict[str, Any]:
     return {"label": lease.label, "backend": lease.backend, "device_id": lease.device_id,
-            "threads": lease.threads, "pins": list(lease.pins)}
+            "threads": lease.threads, "pins": dict(lease.pins)}

@@ -5,7 +5,6 @@ the command line as ``hydra.launcher.fail_fast=true`` and so on. The device pool
 not configured here: it is the job's own ``devices`` group (``devices=cuda4`` -> four
 cards, one job on each at a time; ``devices=cpu2`` -> two CPU slots).
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional

@@ -3,7 +3,6 @@
 Kept light (Hydra imports this module while scanning for plugins); the work is in
 ``_core.py``, imported when a sweep is launched.
 """
-from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 

@@ -207,9 +207,10 @@ def build_cues(
         return []
     texts = [t for _, _, t in items]
     layout = _Layout(texts, rules)
-    max_dur = _ms(rules.max_duration)
+    # limits in whole ms, rounded so that the written times honour them exactly
+    max_dur = max(1, math.floor(rules.max_duration * 1000))
     max_pause = _ms(rules.max_pause)
-    min_gap = _ms(rules.min_gap)
+    min_gap = math.floor(rules.min_gap * 1000)
     max_chars = rules.max_line_chars * rules.max_lines
 
     def boundary_cost(i: int) -> float:  # breaking after word i-1
@@ -244,9 +245,9 @@ def build_cues(
             avail = max(items[i - 1][1], min(start + max_dur, limit)) - start
             chars = layout.width(j, i)
             speed = chars / max(avail, 1) * 1000
-            cost = 1.0 + boundary_cost(i) + lay[0]
+            cost = 1.0 + 2.0 * boundary_cost(i) + lay[0]
             cost += 0.5 * max(0.0, speed - rules.max_cps)
-            if avail < _ms(rules.min_duration):
+            if avail < rules.min_duration * 1000:
                 cost += 2.0
             total = best[j] + cost
             if total < best[i]:
@@ -265,7 +266,7 @@ def build_cues(
 def _time_cues(items, bounds, lines_at, rules: CueRules, min_gap: int, max_dur: int) -> list[Cue]:
     cues: list[Cue] = []
     prev_end = 0
-    min_dur = _ms(rules.min_duration)
+    min_dur = math.ceil(rules.min_duration * 1000)
     for c, (j, i) in enumerate(bounds):
         start = max(items[j][0], prev_end)
         speech_end = max(items[i - 1][1], start + 1)

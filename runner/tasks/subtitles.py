@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class SubtitlesConfig(TaskConfig):
     language: str = "en"  # language code, or auto to detect; en prefers .en models
     formats: list[str] = field(default_factory=lambda: ["srt", "json"])  # srt, vtt, json
     beam_size: int = 5  # beam search width (1 = greedy)
+    # decoding temperatures: retried hotter when output looks wrong; [0.0] = no fallback
+    temperature: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    max_new_tokens: Optional[int] = None  # cap on tokens per 30-s window (None: model limit)
     compute_type: str = "auto"  # faster-whisper: auto = int8 on CPU, float16 on CUDA
     silence_dbfs: float = -60.0  # a file whose peak is below this level is silent: no model run
     no_speech_drop: float = 0.8  # drop segments whose no_speech_prob exceeds this (1 = keep all)
@@ -71,6 +74,7 @@ class SubtitlesConfig(TaskConfig):
     def __post_init__(self) -> None:
         self.models = [str(m) for m in self.models]
         self.formats = [str(f) for f in self.formats]
+        self.temperature = [float(t) for t in self.temperature]
         bad = []
         if not self.models:
             bad.append("task.models=[]: give at least one model (e.g. [tiny.en])")
@@ -84,6 +88,11 @@ class SubtitlesConfig(TaskConfig):
                        f"{', '.join(FORMATS)}")
         if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or self.beam_size < 1:
             bad.append(f"task.beam_size={self.beam_size}: allowed an integer >= 1")
+        if not self.temperature or any(not 0 <= t <= 1 for t in self.temperature):
+            bad.append(f"task.temperature={self.temperature}: allowed a non-empty list of 0..1")
+        if self.max_new_tokens is not None and (
+                not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 440):
+            bad.append(f"task.max_new_tokens={self.max_new_tokens}: allowed null or 1..440")
         if self.compute_type not in COMPUTE_TYPES:
             bad.append(f"task.compute_type={self.compute_type}: allowed {', '.join(COMPUTE_TYPES)}")
         if not 0 <= float(self.no_speech_drop) <= 1:
@@ -138,9 +147,11 @@ class SubtitlesTask(Task):
         if unknown:
             raise ConfigError(f"task.{unknown[0]}: unknown subtitles setting; allowed "
                               f"{', '.join(sorted(known - {'_target_'}))}")
-        values = {k: (list(v) if k in ("models", "formats") else v) for k, v in fields_.items()}
+        values = {k: (list(v) if k in ("models", "formats", "temperature") else v) for k, v in fields_.items()}
         self.config = SubtitlesConfig(**values)
         self.rules = self.config.rules()
+        self.options = wh.Options(self.config.language, self.config.beam_size,
+                                  tuple(self.config.temperature), self.config.max_new_tokens)
         self._globs = [g.lower() for g in _expand_braces(self.config.pattern)]
 
     # ---- controller side ---------------------------------------------------------------
@@ -232,7 +243,7 @@ class SubtitlesTask(Task):
             if float(np.abs(audio).max()) < floor:
                 transcript = wh.Transcript(cfg.language, [], getattr(model, "name", ""))
             else:
-                transcript = model.transcribe(item.payload, audio, cfg.language, cfg.beam_size)
+                transcript = model.transcribe(item.payload, audio, self.options)
                 transcript.drop_non_speech(cfg.no_speech_drop)
             proc = time.perf_counter() - t0
             results.append(Result(transcript, seconds, proc))

@@ -95,6 +95,16 @@ class Transcript:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Options:
+    """Decoding settings shared by both backends."""
+
+    language: str = "en"  # language code or "auto"
+    beam_size: int = 5  # beam width (1 = greedy)
+    temperature: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # fallback temperatures
+    max_new_tokens: int | None = None  # tokens per 30-s window (None: the model's limit)
+
+
 # ---- resolution (controller side: no torch, no network) ------------------------------
 
 
@@ -281,11 +291,12 @@ class FasterWhisperBackend:
         self.model = WhisperModel(source, device=device, device_index=0,
                                   compute_type=compute_type, local_files_only=True)
 
-    def transcribe(self, path: str, audio, language: str, beam_size: int) -> Transcript:
+    def transcribe(self, path: str, audio, opts: Options) -> Transcript:
         """Transcribe ``audio`` (16 kHz mono float32 decoded from ``path``)."""
         segments, info = self.model.transcribe(
-            audio, language=None if language == "auto" else language, beam_size=beam_size,
-            word_timestamps=True)
+            audio, language=None if opts.language == "auto" else opts.language,
+            beam_size=opts.beam_size, temperature=list(opts.temperature),
+            max_new_tokens=opts.max_new_tokens, word_timestamps=True)
         out = []
         for seg in segments:  # a generator: decoding happens here
             words = [TimedWord(float(w.start), float(w.end), w.word, float(w.probability))
@@ -314,17 +325,20 @@ class OpenAIWhisperBackend:
         if heads is not None:  # an official checkpoint loaded from a path: keep its heads
             self.model.set_alignment_heads(heads)
 
-    def transcribe(self, path: str, audio, language: str, beam_size: int) -> Transcript:
+    def transcribe(self, path: str, audio, opts: Options) -> Transcript:
         """Transcribe ``path`` (decoded by whisper with the ffmpeg CLI; ``audio`` unused)."""
         import whisper
 
-        if language != "auto" and not self.model.is_multilingual and language != "en":
+        language = opts.language
+        if language not in ("auto", "en") and not self.model.is_multilingual:
             raise RuntimeError(f"English-only checkpoint cannot transcribe language={language}")
+        extra = {"sample_len": opts.max_new_tokens} if opts.max_new_tokens else {}
         try:
             result = whisper.transcribe(
                 self.model, str(path), language=None if language == "auto" else language,
-                word_timestamps=True, beam_size=beam_size if beam_size > 1 else None,
-                fp16=self.device != "cpu", verbose=None)
+                word_timestamps=True, beam_size=opts.beam_size if opts.beam_size > 1 else None,
+                temperature=tuple(opts.temperature), fp16=self.device != "cpu", verbose=None,
+                **extra)
         except RuntimeError as exc:
             if "Failed to load audio" in str(exc):
                 raise BadInput(f"{path}: ffmpeg cannot decode it; replace or remove it") from exc
@@ -335,7 +349,7 @@ class OpenAIWhisperBackend:
                                float(w.get("probability", 0.0))) for w in seg.get("words", [])]
             out.append(Segment(float(seg["start"]), float(seg["end"]), seg["text"], words,
                                float(seg.get("no_speech_prob", 0.0))))
-        return Transcript(result.get("language") or language, out, OPENAI)
+        return Transcript(result.get("language") or opts.language, out, OPENAI)
 
 
 def load(backend: str, source: str, device: str, compute_type: str = "auto"):

@@ -1,0 +1,417 @@
+"""The launcher's work: a pool of devices, one spawned process per sweep job.
+
+Parent (the process Hydra's sweeper runs in)::
+
+    compose every job's config first (a bad override fails the sweep before anything runs)
+    pool = one lease per device of the job's `devices` group          (_pool.py)
+    loop:
+      a lease is free and a job is waiting (and the stagger has passed) ->
+          pin the job's `devices` to that lease, spawn its process with the lease's env
+          in place (runner.executor.spawn_environment), daemon=False so the job may spawn
+          its own workers
+      wait(result pipes + process sentinels, poll_s)   never longer
+      result on a pipe -> keep the JobReturn
+      sentinel         -> the job ended: with its JobReturn, or killed (SIGKILL ...) or
+                          crashed before returning -> a FAILED JobReturn made here
+      a job failed and fail_fast -> hand out no more jobs
+      SIGINT/SIGTERM   -> hand out no more jobs; forward SIGTERM to running jobs (runner
+                          drains, then stops; a second signal stops them now; a third kills)
+    sweep.json / sweep.md after every change (runner/sweep.py); live view (_live.py)
+
+Child (``_job_main``), spawned, in its own process group so a terminal's Ctrl-C reaches the
+launcher alone (which forwards it once): stdout/stderr to ``<job dir>/console.log``,
+``Singleton.set_state`` then Hydra's own ``run_job`` — .hydra/, job logging, callbacks and
+hydra.job.num behave as under any launcher. A job that raises has its traceback logged
+through the job's own logging (its log file) and console.log at once. The JobReturn goes
+back over a pipe (cloudpickle: task functions and resolvers are closures).
+
+Resuming a sweep: see _resume.py.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cloudpickle
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import (JobReturn, JobStatus, configure_log, filter_overrides, run_job,
+                              setup_globals)
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from hydra_plugins.runner_launcher import _live, _pool, _resume
+from runner import sweep as sweep_mod
+from runner.executor import exit_name, spawn_environment
+from runner.sweep import JobRecord, JobState
+
+log = logging.getLogger(__name__)
+CONSOLE_LOG = "console.log"
+
+
+class JobFailed(CompactHydraException):
+    """What a failed job's JobReturn raises in the sweeper: one line naming job and cause."""
+
+
+@dataclass
+class _Job:
+    index: int  # position in this launch() call
+    overrides: list[str]  # what the job is composed with (resume.run may be rewritten)
+    config: DictConfig  # composed, hydra.job.num set; pins are applied on a copy at start
+    record: JobRecord
+    ret: Optional[JobReturn] = None
+    process: Any = None
+    conn: Any = None
+    lease: Optional[_pool.Lease] = None
+    data: Optional[bytes] = None  # the pickled JobReturn, once received
+    eof: bool = False  # the pipe closed (with or without a result)
+
+
+@dataclass
+class _Signals:
+    count: int = 0
+    handled: int = 0
+    old: dict = field(default_factory=dict)
+
+    def handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.count += 1
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self.handler)
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+# ---- parent -------------------------------------------------------------------------------
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> list[JobReturn]:
+    setup_globals()
+    config, ctx = launcher.config, launcher.hydra_context
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    resume_value = _resume.requested(config)
+    plan = _resume.plan(config, resume_value, job_overrides) if resume_value else None
+    if plan:
+        sweep_dir = plan.sweep_dir
+        _resume.adopt_fresh_dir(config, sweep_dir)
+    else:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    leases = _pool.make_pool(config, launcher.max_parallel)
+    task_name = OmegaConf.select(config, "task.name", default=None)
+
+    jobs, kept, returns = [], [], [None] * len(job_overrides)
+    for i, overrides in enumerate(job_overrides):
+        if plan and not plan.rerun(i):
+            kept.append(plan.old[i])
+            returns[i] = _resume.kept_return(plan.old[i], overrides)
+            continue
+        old = plan.old[i] if plan else None
+        ovr = _resume.job_overrides(old, overrides) if old else list(overrides)
+        num = old.num if old else initial_job_idx + i
+        cfg = _compose(ctx, config, ovr, num, old)
+        record = old or JobRecord(num, _resume.own_overrides(overrides), _job_dir(cfg))
+        record.state, record.reason, record.exit_code = JobState.PENDING, "", None
+        record.started = record.finished = record.pid = None
+        jobs.append(_Job(i, ovr, cfg, record))
+
+    records = [j.record for j in jobs] + kept + (plan.others if plan else [])
+    resumes = list((plan.doc.get("resumes") or []) if plan else [])
+    if plan:
+        resumes.append({"time": time.time(), "rerun": [j.record.num for j in jobs],
+                        "kept": [r.num for r in kept]})
+    extra = {"devices": [lease.label for lease in leases], "resumes": resumes}
+
+    def record_sweep() -> None:
+        sweep_mod.write(sweep_dir, records, task_name, extra)
+
+    log.info(f"runner launcher: {len(jobs)} job(s) on {len(leases)} device(s) "
+             f"({_pool.describe(leases)}), sweep dir {sweep_dir}"
+             + (f"; resuming, {len(kept)} job(s) already done" if plan else ""))
+    for j in jobs:
+        log.info(f"\t#{j.record.num} : {' '.join(filter_overrides(j.overrides))}")
+    record_sweep()
+    _Loop(launcher, ctx, jobs, leases, records, record_sweep).run()
+    record_sweep()
+    for j in jobs:
+        returns[j.index] = j.ret
+    return returns  # type: ignore[return-value]
+
+
+def _compose(ctx, config: DictConfig, overrides: list[str], num: int,
+             old: Optional[JobRecord]) -> DictConfig:
+    cfg = ctx.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(cfg):
+        cfg.hydra.job.id = num
+        cfg.hydra.job.num = num
+        if old is not None:  # a resumed job keeps its directory, whatever the subdir pattern
+            job_dir = Path(old.dir)
+            cfg.hydra.sweep.dir = str(job_dir.parent)
+            cfg.hydra.sweep.subdir = job_dir.name
+    return cfg
+
+
+def _job_dir(cfg: DictConfig) -> str:
+    """hydra.sweep.dir/hydra.sweep.subdir as run_job will compute it."""
+    hc = HydraConfig.instance()
+    saved = hc.cfg
+    try:
+        hc.set_config(cfg)
+        base = str(OmegaConf.select(cfg, "hydra.sweep.dir"))
+        sub = OmegaConf.select(cfg, "hydra.sweep.subdir")
+        return os.path.abspath(os.path.join(base, str(sub)) if sub is not None else base)
+    finally:
+        hc.cfg = saved
+
+
+class _Loop:
+    """Hands jobs to free leases and watches them until every job has ended."""
+
+    def __init__(self, launcher, ctx, jobs: list[_Job], leases: list[_pool.Lease],
+                 records: list[JobRecord], record_sweep) -> None:
+        self.l, self.ctx, self.jobs, self.record_sweep = launcher, ctx, jobs, record_sweep
+        self.pending = collections.deque(jobs)
+        self.free = list(leases)
+        self.running: dict[int, _Job] = {}
+        self.stop_reason = ""
+        self.next_start = 0.0
+        self.signals = _Signals()
+        self.live = _live.LiveView(launcher.live, launcher.live_every_s)
+        self.view = [j.record for j in jobs]
+        self.keys = sweep_mod.varying_keys(self.view)
+        self.ctx_mp = get_context("spawn")
+        self.state = None
+
+    def run(self) -> None:
+        self.state = Singleton.get_state()
+        self.signals.install()
+        try:
+            self._loop()
+        finally:
+            self.signals.restore()
+            for j in list(self.running.values()):  # only after an error in this loop
+                with contextlib.suppress(Exception):
+                    j.process.kill()
+                    j.process.join(5)
+                self._finish(j)
+            for j in self.pending:
+                j.record.state, j.record.reason = JobState.NOT_STARTED, self.stop_reason
+                j.ret = _failed_return(j, f"job {j.record.num} was not started: {self.stop_reason}")
+            self.pending.clear()
+            self.live.update(self.view, self.keys, force=True)
+
+    def _loop(self) -> None:
+        while self.pending or self.running:
+            self._signals()
+            now = time.monotonic()
+            while (not self.stop_reason and self.pending and self.free
+                   and now >= self.next_start):
+                self._start(self.pending.popleft(), self.free.pop(0))
+                if self.l.stagger_s > 0:
+                    self.next_start = time.monotonic() + self.l.stagger_s
+                    break
+            if not self.running:
+                if self.stop_reason or not self.pending:
+                    return
+                time.sleep(max(0.0, min(self.l.poll_s, self.next_start - time.monotonic())))
+                continue
+            timeout = self.l.poll_s
+            if self.pending and self.free and not self.stop_reason:
+                timeout = max(0.0, min(timeout, self.next_start - time.monotonic()))
+            waitables: dict[Any, _Job] = {}
+            for j in self.running.values():
+                waitables[j.process.sentinel] = j
+                if not j.eof:
+                    waitables[j.conn] = j
+            for obj in wait(list(waitables), timeout=timeout):
+                j = waitables[obj]
+                if j.record.num not in self.running:
+                    continue
+                if obj is j.conn:
+                    self._receive(j)
+                else:
+                    self._receive(j)
+                    self._finish(j)
+            self.live.update(self.view, self.keys)
+
+    def _signals(self) -> None:
+        if self.signals.count == self.signals.handled:
+            return
+        self.signals.handled = self.signals.count
+        if not self.stop_reason:
+            self.stop_reason = "the sweep was interrupted"
+            self.live.message(f"runner launcher: interrupted; no more jobs are started, "
+                              f"{len(self.running)} running job(s) are asked to stop "
+                              f"(again: stop them now; a third time: kill them)")
+        sig = signal.SIGKILL if self.signals.count >= 3 else signal.SIGTERM
+        for j in self.running.values():
+            with contextlib.suppress(OSError):
+                os.kill(j.process.pid, sig)
+
+    def _start(self, job: _Job, lease: _pool.Lease) -> None:
+        cfg = copy.deepcopy(job.config)
+        if lease.pins:
+            with read_write(cfg), open_dict(cfg):
+                for key, value in lease.pins.items():
+                    OmegaConf.update(cfg, key, value, merge=False)
+        payload = cloudpickle.dumps((self.ctx, cfg, self.l.task_function, self.state))
+        parent_conn, child_conn = self.ctx_mp.Pipe(duplex=False)
+        proc = self.ctx_mp.Process(
+            target=_job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
+            args=(payload, child_conn, job.record.dir, self.l.console_log))
+        with spawn_environment(lease.env):
+            proc.start()
+        child_conn.close()
+        job.process, job.conn, job.lease = proc, parent_conn, lease
+        r = job.record
+        r.state, r.device, r.pid, r.started, r.runs = (JobState.RUNNING, lease.label, proc.pid,
+                                                       time.time(), r.runs + 1)
+        self.running[r.num] = job
+        self.record_sweep()
+        self.live.update(self.view, self.keys, force=True)
+
+    def _receive(self, job: _Job) -> None:
+        if job.eof:
+            return
+        try:
+            if job.conn.poll(0):
+                job.data = job.conn.recv_bytes()
+                job.eof = True  # one message per job
+        except (EOFError, OSError):
+            job.eof = True
+
+    def _finish(self, job: _Job) -> None:
+        job.process.join(5)
+        if job.process.is_alive():  # the sentinel fired, so this is a zombie-in-waiting
+            job.process.kill()
+            job.process.join(5)
+        with contextlib.suppress(OSError):
+            job.conn.close()
+        r = job.record
+        self.running.pop(r.num, None)
+        self.free.append(job.lease)
+        self.free.sort(key=lambda lease: lease.index)
+        r.finished, r.pid = time.time(), None
+        ret = None
+        if job.data is not None:
+            try:
+                ret = pickle.loads(job.data)
+            except Exception as exc:  # a return value the parent cannot import
+                ret = None
+                r.reason = f"its result could not be read ({exc.__class__.__name__}: {exc})"
+        if ret is None:
+            why = r.reason or (f"killed by {exit_name(job.process.exitcode)}"
+                               if (job.process.exitcode or 0) < 0 else
+                               f"ended with {exit_name(job.process.exitcode)} before returning")
+            r.state, r.reason = JobState.FAILED, why
+            job.ret = _failed_return(job, f"job {r.num} ({' '.join(r.overrides)}) {why}; "
+                                          f"see {Path(r.dir) / CONSOLE_LOG}")
+        elif ret.status == JobStatus.COMPLETED:
+            value = ret._return_value
+            code = value if isinstance(value, int) and not isinstance(value, bool) else None
+            r.exit_code = code
+            r.state = JobState.OK if not code else JobState.FAILED
+            r.reason = "" if not code else f"exit {code}"
+            job.ret = ret
+        else:
+            exc = ret._return_value
+            r.state, r.reason = JobState.FAILED, _one_line(exc)
+            err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {_one_line(exc)}; "
+                            f"traceback in {Path(r.dir) / CONSOLE_LOG} and the job's log")
+            err.__cause__ = exc if isinstance(exc, BaseException) else None
+            ret._return_value = err
+            job.ret = ret
+        if r.state == JobState.FAILED:
+            self.live.message(f"runner launcher: job #{r.num} on {r.device} failed: {r.reason}"
+                              f" ({r.dir})")
+            if self.l.fail_fast and not self.stop_reason:
+                self.stop_reason = f"fail_fast: job {r.num} failed"
+                self.live.message(f"runner launcher: fail_fast: no more jobs are started")
+        self.record_sweep()
+        self.live.update(self.view, self.keys, force=True)
+
+
+def _one_line(exc: Any) -> str:
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
+
+
+def _failed_return(job: _Job, message: str) -> JobReturn:
+    """A FAILED JobReturn for a job that never returned one (killed, or never started)."""
+    cfg = copy.deepcopy(job.config)
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = job.record.dir
+    task_cfg = copy.deepcopy(cfg)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    hydra_cfg = OmegaConf.masked_copy(cfg, "hydra")
+    return JobReturn(overrides=list(job.overrides), cfg=task_cfg, hydra_cfg=hydra_cfg,
+                     working_dir=os.getcwd(), task_name=str(cfg.hydra.job.name),
+                     status=JobStatus.FAILED, _return_value=JobFailed(message))
+
+
+# ---- child --------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this job if the launcher dies (runner then drains and stops)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _redirect(job_dir: str) -> None:
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(Path(job_dir) / CONSOLE_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
+    """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
+    with contextlib.suppress(OSError):
+        os.setpgrp()
+    _die_with_parent()
+    if console_log:
+        _redirect(job_dir)
+    ctx, config, task_function, state = pickle.loads(payload)
+    setup_globals()
+    Singleton.set_state(state)
+    HydraConfig.instance().set_config(config)
+    ret = run_job(hydra_context=ctx, task_function=task_function, config=config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    if ret.status == JobStatus.FAILED:
+        exc = ret._return_value
+        logging.getLogger(__name__).error(
+            "job %s failed", config.hydra.job.num,
+            exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
+        if not console_log:
+            traceback.print_exception(type(exc), exc, getattr(exc, "__traceback__", None))
+        sys.stderr.flush()
+    try:
+        data = cloudpickle.dumps(ret)
+    except Exception as exc:  # an unpicklable return value: keep the rest of the JobReturn
+        ret._return_value = RuntimeError(f"return value not picklable: {_one_line(exc)}")
+        ret.status = JobStatus.FAILED
+        data = cloudpickle.dumps(ret)
+    conn.send_bytes(data)
+    conn.close()

@@ -1,0 +1,232 @@
+"""The sweep record: ``<sweep dir>/sweep.json`` and ``sweep.md``, one row per job.
+
+Written by the launcher (hydra_plugins/runner_launcher) when the sweep starts, each time a
+job starts or ends, and at the end, so the files exist and are current even when jobs
+failed or the launcher itself was killed; a resumed sweep rewrites them with every job.
+
+Each row: the parameters that vary between the jobs of the sweep (and only those), the
+device the job had, its status (``ok``; ``failed`` with the reason: an exception, the
+signal that killed it, a nonzero exit code; ``not started``), wall time, items/s and the
+task's key figure from the job's ``summary.json``: RTF for subtitles (``rtf``, lower is
+better), sentences/s for embed (``items_per_s``, higher is better); other tasks are ranked
+by items/s. The best finished row is marked. A job's exit code is runner's: 0 ok, 3 some
+items failed, 130 interrupted; anything but 0 counts as failed here.
+
+``sweep.json`` is also what ``resume=latest`` with ``-m`` reads to know which jobs finished.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from runner.rundir import atomic_write_json, atomic_write_text
+
+SWEEP_JSON = "sweep.json"
+SWEEP_MD = "sweep.md"
+
+
+class JobState(str, Enum):
+    PENDING = "pending"  # not handed out yet
+    RUNNING = "running"
+    OK = "ok"  # returned exit code 0 (or, for a non-runner app, returned normally)
+    FAILED = "failed"  # exception, process killed, or a nonzero exit code (see reason)
+    NOT_STARTED = "not started"  # fail_fast or an interrupt stopped the sweep first
+
+
+@dataclass(frozen=True)
+class KeyFigure:
+    label: str  # column title
+    field: str  # key in summary.json
+    higher_is_better: bool
+
+
+KEY_FIGURES = {
+    "subtitles": KeyFigure("RTF", "rtf", False),
+    "embed": KeyFigure("sentences/s", "items_per_s", True),
+}
+DEFAULT_FIGURE = KeyFigure("items/s", "items_per_s", True)
+
+
+@dataclass
+class JobRecord:
+    """One job of a sweep, as the launcher knows it (serialised into sweep.json)."""
+
+    num: int  # hydra.job.num
+    overrides: list[str]  # the sweeper's overrides for this job (no device pins, no resume.*)
+    dir: str  # the job's run dir (hydra.runtime.output_dir)
+    state: JobState = JobState.PENDING
+    reason: str = ""  # why it failed or did not start
+    device: str = ""  # the lease it ran on (cuda:1, cpu:0)
+    pid: Optional[int] = None
+    exit_code: Optional[int] = None  # the job's return value when it is an int
+    started: Optional[float] = None  # epoch seconds (launcher's clock)
+    finished: Optional[float] = None
+    runs: int = 0  # how many times it was started (a resume adds one)
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "JobRecord":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["state"] = JobState(known.get("state", "pending"))
+        return cls(**known)
+
+
+def split_override(text: str) -> tuple[str, str]:
+    """``+task.ms=20`` -> ("task.ms", "20"); group overrides keep their group name."""
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
+
+
+def varying_keys(records: Sequence[JobRecord]) -> list[str]:
+    """Override keys whose value is not the same in every job, in first-seen order."""
+    keys: list[str] = []
+    values: dict[str, set] = {}
+    for r in records:
+        for o in r.overrides:
+            k, v = split_override(o)
+            if k not in values:
+                keys.append(k)
+                values[k] = set()
+            values[k].add(v)
+    out = []
+    for k in keys:
+        present = [any(split_override(o)[0] == k for o in r.overrides) for r in records]
+        if len(values[k]) > 1 or not all(present):
+            out.append(k)
+    return out
+
+
+def params(record: JobRecord, keys: Sequence[str]) -> dict[str, str]:
+    mine = dict(split_override(o) for o in record.overrides)
+    return {k: mine.get(k, "(default)") for k in keys}
+
+
+def _summary(job_dir: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(job_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build(records: Sequence[JobRecord], task: Optional[str], sweep_dir: Path,
+          extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The sweep.json document for ``records``."""
+    fig = KEY_FIGURES.get(task or "", DEFAULT_FIGURE)
+    keys = varying_keys(records)
+    rows = []
+    for r in sorted(records, key=lambda r: r.num):
+        s = _summary(r.dir)
+        row = r.to_json()
+        row.update({"params": params(r, keys), "wall_s": _round(r.wall_s, 3),
+                    "items_done": s.get("items_done"), "items_per_s": s.get("items_per_s"),
+                    "failed_items": (s.get("counts") or {}).get("failed"),
+                    "key_figure": s.get(fig.field), "best": False})
+        rows.append(row)
+    ranked = [row for row in rows if row["state"] == JobState.OK.value
+              and isinstance(row["key_figure"], (int, float))]
+    best = None
+    if ranked:
+        pick = max if fig.higher_is_better else min
+        best = pick(ranked, key=lambda row: row["key_figure"])
+        best["best"] = True
+    return {"sweep_dir": str(sweep_dir), "task": task, "updated": time.time(),
+            "key_figure": asdict(fig), "varying": keys,
+            "best": best["num"] if best else None, "jobs": rows, **(extra or {})}
+
+
+def _round(x: Optional[float], n: int) -> Optional[float]:
+    return None if x is None else round(x, n)
+
+
+def _fmt(x: Any, spec: str = ".1f") -> str:
+    if isinstance(x, bool) or x is None:
+        return ""
+    if isinstance(x, (int, float)):
+        return format(x, spec)
+    return str(x)
+
+
+def status_text(row: dict[str, Any]) -> str:
+    state = row["state"]
+    return f"{state}: {row['reason']}" if row.get("reason") and state != "ok" else state
+
+
+def render(doc: dict[str, Any]) -> str:
+    """sweep.md: a Markdown table a person can paste into a review."""
+    fig = KeyFigure(**doc["key_figure"])
+    keys = doc["varying"]
+    show_fig = fig != DEFAULT_FIGURE
+    head = ["job", *keys, "device", "status", "wall s", "items/s"]
+    head += [fig.label] if show_fig else []
+    head += ["best"]
+    lines = [f"# Sweep{': ' + doc['task'] if doc.get('task') else ''}", "",
+             f"`{doc['sweep_dir']}` — {len(doc['jobs'])} job(s); best = "
+             f"{'highest' if fig.higher_is_better else 'lowest'} {fig.label}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in doc["jobs"]:
+        cells = [str(row["num"]), *(row["params"].get(k, "") for k in keys), row["device"] or "-",
+                 status_text(row).replace("|", "/"), _fmt(row["wall_s"]),
+                 _fmt(row["items_per_s"])]
+        cells += [_fmt(row["key_figure"], ".3f" if not fig.higher_is_better else ".1f")] \
+            if show_fig else []
+        cells += ["**best**" if row["best"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in doc["jobs"] if r["state"] == JobState.FAILED.value]
+    lines.append("")
+    if doc["best"] is not None:
+        b = next(r for r in doc["jobs"] if r["num"] == doc["best"])
+        what = " ".join(f"{k}={v}" for k, v in b["params"].items()) or f"job {b['num']}"
+        lines.append(f"Best: job {b['num']} ({what}), {fig.label} {_fmt(b['key_figure'], '.3f')}.")
+    if failed:
+        lines.append(f"Failed: {len(failed)} job(s): "
+                     + "; ".join(f"{r['num']} ({r['reason']}) in {r['dir']}" for r in failed))
+    left = [r for r in doc["jobs"] if r["state"] in (JobState.NOT_STARTED.value,
+                                                     JobState.PENDING.value)]
+    if left:
+        lines.append(f"Not run: {len(left)} job(s): {', '.join(str(r['num']) for r in left)}")
+    return "\n".join(lines) + "\n"
+
+
+def write(sweep_dir: Path, records: Sequence[JobRecord], task: Optional[str],
+          extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write sweep.json and sweep.md atomically; return the document."""
+    doc = build(records, task, sweep_dir, extra)
+    atomic_write_json(Path(sweep_dir) / SWEEP_JSON, doc)
+    atomic_write_text(Path(sweep_dir) / SWEEP_MD, render(doc))
+    return doc
+
+
+def load(sweep_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((Path(sweep_dir) / SWEEP_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def records_of(doc: dict[str, Any]) -> list[JobRecord]:
+    return [JobRecord.from_json(j) for j in doc.get("jobs", [])]
+
+
+@dataclass
+class SweepMeta:
+    """What sweep.json says about the sweep as a whole besides its jobs."""
+
+    devices: list[str] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

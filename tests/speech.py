@@ -1,0 +1,41 @@
+"""Test helpers for speech: synthesise English with espeak-ng, score transcripts by WER."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+
+def synthesise(text: str, path: Path, rate: int = 150) -> Path:
+    """Speak ``text`` with espeak-ng into ``path``; the extension picks the format (ffmpeg)."""
+    path = Path(path)
+    raw = path.with_name(path.stem + ".espeak.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", str(rate), "-w", str(raw), text],
+                   check=True, capture_output=True, timeout=60)
+    if path.suffix.lower() == ".wav":
+        args = ["-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le"]
+    else:
+        args = ["-ar", "16000", "-ac", "1"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(raw), *args, str(path)],
+                   check=True, capture_output=True, timeout=60)
+    raw.unlink()
+    return path
+
+
+def normalise(text: str) -> list[str]:
+    """Lower-case words without punctuation (apostrophes inside words kept)."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level Levenshtein distance / reference length."""
+    ref, hyp = normalise(reference), normalise(hypothesis)
+    if not ref:
+        return float(bool(hyp))
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)

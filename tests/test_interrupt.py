@@ -1,0 +1,157 @@
+"""Ctrl-C and termination (issue 4), with real signals to a real ``python -m runner``.
+
+* Ctrl-C once (SIGINT to the whole process group, as a terminal sends it; the workers
+  ignore it) or ``kill`` (SIGTERM to the controller): no new work, in-flight batches
+  finish, everything is recorded, exit 130, and stderr names the exact command that
+  resumes the run; running that command finishes it with every item done exactly once.
+* Ctrl-C twice: the workers are terminated now (their items go back to pending with the
+  attempt refunded), exit 130, and the printed command again finishes the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.faulty_task import (REPO, check_consistent, cli, cli_args, identities, journal_rows,
+                               only_run_dir, run_dirs)
+
+
+def _start(args):
+    # a session of its own: killpg reaches the controller and its workers, like a TTY's ^C
+    return subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for(proc, cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run to get going")
+
+
+def _outputs(tmp_path):
+    dirs = run_dirs(tmp_path)
+    return len(list((dirs[0] / "faulty").glob("*.json"))) if dirs else 0
+
+
+def _resume_command(stderr: str) -> list[str]:
+    lines = [x for x in stderr.splitlines() if "Resume with: " in x]
+    assert len(lines) == 1, stderr[-3000:]
+    cmd = shlex.split(lines[0].split("Resume with: ", 1)[1])
+    assert cmd[:3] == ["python", "-m", "runner"], cmd
+    return [sys.executable, *cmd[1:]]
+
+
+def _finish_with(stderr, run_dir, count, done_before):
+    cmd = _resume_command(stderr)
+    assert f"resume={run_dir}" in cmd
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = check_consistent(run_dir, count)
+    assert all(r["status"] == "done" for r in rows.values())
+    for i, mtime in done_before.items():  # done before the interruption: not touched
+        assert os.stat(run_dir / rows[i]["output"]).st_mtime_ns == mtime, i
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["items_done"] == count - len(done_before), "an item was done twice"
+    return rows
+
+
+def _done_mtimes(run_dir, rows):
+    return {i: os.stat(run_dir / r["output"]).st_mtime_ns for i, r in rows.items()
+            if r["status"] == "done"}
+
+
+def _stop_leftover(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
+    count = 16
+    proc = _start(cli_args(tmp_path, "batch_size=2", "executor.grace_s=30", count=count,
+                           ms=250))
+    try:
+        _wait_for(proc, lambda: _outputs(tmp_path) >= 2)
+        sent_at = time.time()
+        if sig == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # kill <controller pid>
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop_leftover(proc)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"{sig}: no new work" in stderr
+    run_dir = only_run_dir(tmp_path)
+    rows = check_consistent(run_dir, count, finished=False)
+    done = [r for r in rows.values() if r["status"] == "done"]
+    assert len(done) < count, "nothing was left to resume"
+    # the batches in flight when the signal came were finished, not dropped: every item
+    # that was ever handed to a worker is done, and some finished after the signal
+    assert all(r["status"] == "done" for r in rows.values() if r["attempts"] > 0)
+    assert any(r["finished"] > sent_at for r in done)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+    _finish_with(stderr, run_dir, count, _done_mtimes(run_dir, rows))
+
+
+@pytest.mark.timeout(120)
+def test_second_sigint_stops_workers_now_then_resume(tmp_path):
+    count = 4  # with prefetch 2, all four are handed out at once: two running, two queued
+    proc = _start(cli_args(tmp_path, "executor.grace_s=60", "chunking.prefetch=2",
+                           count=count, ms=2000))
+    try:
+        def both_busy():
+            dirs = run_dirs(tmp_path)
+            logs = list((dirs[0] / "logs").glob("worker-*.log")) if dirs else []
+            return len(logs) == 2 and all("loaded m1" in p.read_text() for p in logs)
+
+        _wait_for(proc, both_busy)
+        time.sleep(0.4)  # both workers are inside a 2 s item now
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        second_at = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        run_dir = only_run_dir(tmp_path)
+        pids = [int(x["PID"]) for x in identities(run_dir)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.02)
+        workers_gone_s = time.time() - second_at
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop_leftover(proc)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "second SIGINT: stopping workers now" in stderr
+    # terminated now, not after the item (2 s) or the grace period (60 s)
+    assert workers_gone_s < 2.0, workers_gone_s
+    rows = check_consistent(run_dir, count, finished=False)
+    abandoned = [i for i, r in rows.items() if r["status"] == "pending" and r["started"]]
+    assert len(abandoned) == count, rows
+    assert all(rows[i]["attempts"] == 0 for i in abandoned), "a stop was charged as an attempt"
+    assert not any(r["status"] == "done" for r in rows.values())
+    _finish_with(stderr, run_dir, count, {})
+    rows = journal_rows(run_dir)
+    assert all(r["attempts"] == 1 for r in rows.values())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
