@@ -117,9 +117,10 @@ def _summary_of(summary: dict[str, Any]) -> dict[str, Any]:
 
 def read_run(path: Path) -> dict[str, dict[str, Any]]:
     """The four sections of one run dir (a section's file may be missing: empty section)."""
-    if not ((path / ".hydra" / "config.yaml").is_file() or (path / "config.resolved.yaml").is_file()):
+    if not any((path / f).is_file() for f in (".hydra/config.yaml", "config.resolved.yaml")):
         raise ConfigError(f"{path} is not a run dir (no .hydra/config.yaml); pass two run dirs "
-                          f"or sweep job dirs, two YAML files, or --compose 'A overrides' 'B overrides'")
+                          f"or sweep job dirs, two YAML files, or --compose 'A overrides' "
+                          f"'B overrides'")
     versions = _json(path / "versions.json") or {}
     kept = {k: v for k, v in versions.items() if k not in ("inventory", "command")}
     return {"config": _config_of(path), "versions": kept,

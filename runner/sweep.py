@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -219,14 +219,3 @@ def load(sweep_dir: Path) -> Optional[dict[str, Any]]:
 
 def records_of(doc: dict[str, Any]) -> list[JobRecord]:
     return [JobRecord.from_json(j) for j in doc.get("jobs", [])]
-
-
-@dataclass
-class SweepMeta:
-    """What sweep.json says about the sweep as a whole besides its jobs."""
-
-    devices: list[str] = field(default_factory=list)
-    resumes: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)

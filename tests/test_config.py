@@ -146,8 +146,7 @@ def test_validate_task_without_target():
 
 def test_every_bad_value_case_differs_from_a_good_config():
     """Guard for the table above: without its override each case validates."""
-    for override, *_ in BAD:
-        base = "devices=cuda2" if override.startswith("devices.ids") else "devices=cpu2"
+    for base in ("devices=cpu2", "devices=cuda2"):
         config.validate(composed("task=embed", base))
 
 

@@ -101,6 +101,7 @@ def test_discovery_reads_every_format_as_a_single_file(tmp_path):
 @pytest.mark.timeout(300)
 def test_embed_end_to_end_on_cpu2(tmp_path):
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     good, bad = make_corpus(tmp_path / "corpus")
@@ -116,8 +117,8 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
 
     # journal: the two bad items failed alone, with a one-line error each
     db = sqlite3.connect(run / "journal.sqlite")
-    rows = {i: (s, d, m, e) for i, s, d, m, e in
-            db.execute("SELECT id, status, device, model, error FROM items")}
+    rows = {i: (s, d, m, e, b) for i, s, d, m, e, b in
+            db.execute("SELECT id, status, device, model, error, batch_size FROM items")}
     db.close()
     assert set(rows) == set(good) | set(bad)
     for i, words in bad.items():
@@ -132,8 +133,14 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
     for shard in sorted((run / "embeddings").glob("part-*.parquet")):
         t = pq.read_table(shard)
         assert str(t.schema.field("id").type) == "string"
-        assert str(t.schema.field("vector").type) == "fixed_size_list<item: float>[384]"
+        vtype = t.schema.field("vector").type
+        assert pa.types.is_fixed_size_list(vtype) and vtype.list_size == 384
+        assert vtype.value_type == pa.float32()
         assert set(t.column("model").to_pylist()) == {MODEL}
+        # provenance columns agree with the journal
+        for i, b, d in zip(t.column("id").to_pylist(), t.column("batch_size").to_pylist(),
+                           t.column("device").to_pylist()):
+            assert (d, b) == (rows[i][1], rows[i][4]) and 1 <= b <= 8
         ids += t.column("id").to_pylist()
         vecs.append(np.asarray(t.column("vector").to_pylist(), dtype=np.float32))
     assert sorted(ids) == sorted(good) and len(ids) == len(set(ids))
@@ -167,7 +174,8 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
         assert d["items"] > 0 and d["busy_s"] > 0 and d["items_per_s"] > 0
         assert d["models"] == {MODEL: d["items"]}
     assert summary["task"]["rows"] == len(good) and summary["task"]["dim"] == 384
-    assert summary["wall_s"] > 0 and summary["speedup_over_slowest_device"] is not None
+    assert 0 < summary["processing_s"] <= summary["wall_s"]
+    assert summary["speedup_over_slowest_device"] > 0
     shares = [s["share"] for s in summary["slots"]]
     assert sum(shares) == pytest.approx(1.0, abs=1e-3)
 

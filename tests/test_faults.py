@@ -36,6 +36,7 @@ class Case:
     retried: tuple = ()  # indexes done on a later attempt
     lost: int = 0  # slots lost for good
     extra: tuple = ()  # more overrides
+    ms: float = 5.0  # per item; longer where the healthy slot must not finish everything first
 
 
 # loky-style: fault x where x when, with what must come out of it.
@@ -67,8 +68,8 @@ CRASH_CASES = {
                                     exit_name={2: "SIGKILL", 7: "SIGSEGV"}, deaths=6,
                                     retried=(4,), extra=("executor.max_restarts=6",)),
     # faults at model load: no item is charged
-    "sigkill-load-once": Case(load_fault="sigkill:1", deaths=1),
-    "exit-load-3-times-one-slot-lost": Case(load_fault="exit:3", deaths=3, lost=1,
+    "sigkill-load-once": Case(load_fault="sigkill:1", deaths=1, ms=150),
+    "exit-load-3-times-one-slot-lost": Case(load_fault="exit:3", deaths=3, lost=1, ms=50,
                                             extra=("executor.max_restarts=1",)),
 }
 
@@ -81,7 +82,7 @@ def _summary(run_dir):
 @pytest.mark.parametrize("name", list(CRASH_CASES))
 def test_crash_case(tmp_path, name):
     case = CRASH_CASES[name]
-    args = cli_args(tmp_path, f"batch_size={case.batch}", *case.extra, count=COUNT, ms=5,
+    args = cli_args(tmp_path, f"batch_size={case.batch}", *case.extra, count=COUNT, ms=case.ms,
                     faults=case.faults, load_fault=case.load_fault)
     res = run_cli(args, timeout=80)
     assert res.returncode == case.exit, res.stderr[-3000:]
@@ -109,6 +110,8 @@ def test_crash_case(tmp_path, name):
         if index in case.exit_name:  # it killed its worker: the exit code, as a name
             assert err["exit"] == case.exit_name[index], err
             assert err["attempt"] == 3 and "quarantined" in err["error"]
+            # pinned down alone: its last attempts ran in a batch of its own
+            assert "while processing a batch of 1 with" in err["error"], err
             assert err["traceback"] is None
         else:  # an exception: the worker's traceback, and no exit code
             assert err["exit_code"] is None and "Traceback" in err["traceback"]
@@ -134,7 +137,9 @@ def test_crash_case(tmp_path, name):
     incarnations = [int(ident["incarnation"]) for ident in identities(run_dir)]
     if case.deaths:
         assert 1 in incarnations, "a dead slot was not restarted"
-        assert len(incarnations) == 2 + deaths - case.lost
+        # one process per slot, plus a restart per death — except for a slot lost for good,
+        # and a death at the very end when the slot has nothing left to do
+        assert 2 + case.deaths - case.lost - 1 <= len(incarnations) <= 2 + deaths - case.lost
     else:
         assert incarnations == [0, 0]
     lost_notes = [n for n in summary["notes"] if n.endswith("slot lost")]

@@ -137,8 +137,9 @@ def test_second_sigint_stops_workers_now_then_resume(tmp_path):
         _stop_leftover(proc)
     assert proc.returncode == 130, stderr[-3000:]
     assert "second SIGINT: stopping workers now" in stderr
-    # terminated now, not after the item (2 s) or the grace period (60 s)
-    assert workers_gone_s < 2.0, workers_gone_s
+    # terminated now, not after the grace period (60 s); that the items in flight did not
+    # finish (below) shows they were not waited for either
+    assert workers_gone_s < 4.0, workers_gone_s
     rows = check_consistent(run_dir, count, finished=False)
     abandoned = [i for i, r in rows.items() if r["status"] == "pending" and r["started"]]
     assert len(abandoned) == count, rows

@@ -5,7 +5,8 @@ device masks, OMP_NUM_THREADS, RUNNER_SLOT, whether torch was already imported w
 module was imported and when ``load_model`` began (both must be False: the mask has to be in
 place before torch exists in the process), and torch's thread count.
 
-* CPU: the real CLI, ``devices=cpu2`` with 3 threads per worker.
+* CPU: the real CLI, ``devices=cpu2`` with 1 thread per worker (torch alone would take
+  every core: seeing 1 proves OMP_NUM_THREADS was in place before torch was imported).
 * CUDA and Arc: no such card here, so only the *inventory* is faked; the slots come from the
   real ``make_slots`` for the cuda4 / arc2 groups and run on the real ``LocalExecutor`` with
   real spawned workers (the probe never touches the device).
@@ -82,12 +83,12 @@ def check_workers(run: Path, slots, mask_var: str | None) -> None:
 def test_cpu2_workers_through_the_cli(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "runner", "task=sleep", f"task._target_={TARGET}", "task.count=6",
-         "devices=cpu2", "devices.threads_per_worker=3", "chunking=round_robin", "batch_size=1",
+         "devices=cpu2", "devices.threads_per_worker=1", "chunking=round_robin", "batch_size=1",
          f"outputs={tmp_path}", "progress=off"],
         cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = (tmp_path / "sleep").iterdir()
-    cfg = DevicesConfig(name="cpu2", backend="cpu", count=2, threads_per_worker=3)
+    cfg = DevicesConfig(name="cpu2", backend="cpu", count=2, threads_per_worker=1)
     slots = make_slots(cfg, Inventory(cpu_cores=2))
     check_workers(run, slots, "CUDA_VISIBLE_DEVICES")
     for recs in probes(run).values():

@@ -18,13 +18,8 @@ Parent (the process Hydra's sweeper runs in)::
                           drains, then stops; a second signal stops them now; a third kills)
     sweep.json / sweep.md after every change (runner/sweep.py); live view (_live.py)
 
-Child (``_job_main``), spawned, in its own process group so a terminal's Ctrl-C reaches the
-launcher alone (which forwards it once): stdout/stderr to ``<job dir>/console.log``,
-``Singleton.set_state`` then Hydra's own ``run_job`` — .hydra/, job logging, callbacks and
-hydra.job.num behave as under any launcher. A job that raises has its traceback logged
-through the job's own logging (its log file) and console.log at once. The JobReturn goes
-back over a pipe (cloudpickle: task functions and resolvers are closures).
-
+The job process itself (its own process group, console.log, Singleton.set_state, Hydra's
+run_job, the JobReturn back over a pipe): _child.py.
 Resuming a sweep: see _resume.py.
 """
 from __future__ import annotations
@@ -39,7 +34,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -49,18 +43,18 @@ from typing import Any, Optional, Sequence
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import (JobReturn, JobStatus, configure_log, filter_overrides, run_job,
-                              setup_globals)
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.runner_launcher import _live, _pool, _resume
+from hydra_plugins.runner_launcher._child import CONSOLE_LOG, job_main, one_line
 from runner import sweep as sweep_mod
 from runner.executor import exit_name, spawn_environment
 from runner.sweep import JobRecord, JobState
 
 log = logging.getLogger(__name__)
-CONSOLE_LOG = "console.log"
+EXIT_MEANING = {1: "could not start", 3: "items failed", 130: "interrupted"}  # runner's codes
 
 
 class JobFailed(CompactHydraException):
@@ -107,7 +101,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     config, ctx = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     resume_value = _resume.requested(config)
-    plan = _resume.plan(config, resume_value, job_overrides) if resume_value else None
+    try:
+        plan = _resume.plan(config, resume_value, job_overrides) if resume_value else None
+    except _resume.SweepError:
+        _resume.drop_fresh_dir(config)
+        raise
     if plan:
         sweep_dir = plan.sweep_dir
         _resume.adopt_fresh_dir(config, sweep_dir)
@@ -152,7 +150,18 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     record_sweep()
     for j in jobs:
         returns[j.index] = j.ret
+    _note_exit_codes(launcher.task_function, [j.record.exit_code for j in jobs])
     return returns  # type: ignore[return-value]
+
+
+def _note_exit_codes(task_function: Any, codes: list[Optional[int]]) -> None:
+    """runner's app exits with the worst code of the jobs it ran (3: items failed, 130:
+    interrupted); its jobs ran in other processes here, so tell it their codes."""
+    if getattr(task_function, "__module__", None) != "runner.app":
+        return
+    worst = getattr(sys.modules.get("runner.app"), "_Worst", None)
+    if worst is not None:
+        worst.code = max([worst.code, *(c for c in codes if isinstance(c, int))])
 
 
 def _compose(ctx, config: DictConfig, overrides: list[str], num: int,
@@ -211,11 +220,12 @@ class _Loop:
                     j.process.kill()
                     j.process.join(5)
                 self._finish(j)
+            why = self.stop_reason or "the launcher stopped"
             for j in self.pending:
-                j.record.state, j.record.reason = JobState.NOT_STARTED, self.stop_reason
-                j.ret = _failed_return(j, f"job {j.record.num} was not started: {self.stop_reason}")
+                j.record.state, j.record.reason = JobState.NOT_STARTED, why
+                j.ret = _failed_return(j, f"job {j.record.num} was not started: {why}")
             self.pending.clear()
-            self.live.update(self.view, self.keys, force=True)
+            self.live.update(self.view, self.keys)
 
     def _loop(self) -> None:
         while self.pending or self.running:
@@ -274,7 +284,7 @@ class _Loop:
         payload = cloudpickle.dumps((self.ctx, cfg, self.l.task_function, self.state))
         parent_conn, child_conn = self.ctx_mp.Pipe(duplex=False)
         proc = self.ctx_mp.Process(
-            target=_job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
+            target=job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
             args=(payload, child_conn, job.record.dir, self.l.console_log))
         with spawn_environment(lease.env):
             proc.start()
@@ -328,12 +338,13 @@ class _Loop:
             code = value if isinstance(value, int) and not isinstance(value, bool) else None
             r.exit_code = code
             r.state = JobState.OK if not code else JobState.FAILED
-            r.reason = "" if not code else f"exit {code}"
+            r.reason = "" if not code else f"exit {code}" + (
+                f" ({EXIT_MEANING[code]})" if code in EXIT_MEANING else "")
             job.ret = ret
         else:
             exc = ret._return_value
-            r.state, r.reason = JobState.FAILED, _one_line(exc)
-            err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {_one_line(exc)}; "
+            r.state, r.reason = JobState.FAILED, one_line(exc)
+            err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {one_line(exc)}; "
                             f"traceback in {Path(r.dir) / CONSOLE_LOG} and the job's log")
             err.__cause__ = exc if isinstance(exc, BaseException) else None
             ret._return_value = err
@@ -348,11 +359,6 @@ class _Loop:
         self.live.update(self.view, self.keys, force=True)
 
 
-def _one_line(exc: Any) -> str:
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
-
-
 def _failed_return(job: _Job, message: str) -> JobReturn:
     """A FAILED JobReturn for a job that never returned one (killed, or never started)."""
     cfg = copy.deepcopy(job.config)
@@ -365,53 +371,3 @@ def _failed_return(job: _Job, message: str) -> JobReturn:
     return JobReturn(overrides=list(job.overrides), cfg=task_cfg, hydra_cfg=hydra_cfg,
                      working_dir=os.getcwd(), task_name=str(cfg.hydra.job.name),
                      status=JobStatus.FAILED, _return_value=JobFailed(message))
-
-
-# ---- child --------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this job if the launcher dies (runner then drains and stops)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _redirect(job_dir: str) -> None:
-    Path(job_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(Path(job_dir) / CONSOLE_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
-    """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
-    with contextlib.suppress(OSError):
-        os.setpgrp()
-    _die_with_parent()
-    if console_log:
-        _redirect(job_dir)
-    ctx, config, task_function, state = pickle.loads(payload)
-    setup_globals()
-    Singleton.set_state(state)
-    HydraConfig.instance().set_config(config)
-    ret = run_job(hydra_context=ctx, task_function=task_function, config=config,
-                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    if ret.status == JobStatus.FAILED:
-        exc = ret._return_value
-        logging.getLogger(__name__).error(
-            "job %s failed", config.hydra.job.num,
-            exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
-        if not console_log:
-            traceback.print_exception(type(exc), exc, getattr(exc, "__traceback__", None))
-        sys.stderr.flush()
-    try:
-        data = cloudpickle.dumps(ret)
-    except Exception as exc:  # an unpicklable return value: keep the rest of the JobReturn
-        ret._return_value = RuntimeError(f"return value not picklable: {_one_line(exc)}")
-        ret.status = JobStatus.FAILED
-        data = cloudpickle.dumps(ret)
-    conn.send_bytes(data)
-    conn.close()

@@ -48,8 +48,8 @@ def line(r: JobRecord, label_keys: Sequence[str]) -> str:
     elapsed = f"{wall:7.1f}s" if wall is not None else " " * 8
     counts = items_done(r.dir) if r.started is not None else None
     done = f"{counts[0]:>6}/{counts[1]:<6}" if counts else " " * 13
-    status = r.state.value if r.state != JobState.FAILED else f"failed ({r.reason})"
-    return f"  #{r.num:<3} {r.device or '-':<8} {status[:40]:<12} {elapsed} {done} {what}"
+    why = f"  [{r.reason}]" if r.reason and r.state != JobState.OK else ""
+    return f"  #{r.num:<3} {r.device or '-':<8} {r.state.value:<12} {elapsed} {done} {what}{why}"
 
 
 class LiveView:
@@ -71,7 +71,8 @@ class LiveView:
         self._erase()
         print(text, file=self.stream, flush=True)
 
-    def update(self, records: Sequence[JobRecord], keys: Sequence[str], force: bool = False) -> None:
+    def update(self, records: Sequence[JobRecord], keys: Sequence[str],
+               force: bool = False) -> None:
         if self.mode == "off":
             return
         now = time.monotonic()

@@ -76,8 +76,3 @@ def make_pool(config: DictConfig, max_parallel: Optional[int]) -> list[Lease]:
 
 def describe(leases: list[Lease]) -> str:
     return ", ".join(lease.label for lease in leases)
-
-
-def as_dict(lease: Lease) -> dict[str, Any]:
-    return {"label": lease.label, "backend": lease.backend, "device_id": lease.device_id,
-            "threads": lease.threads, "pins": dict(lease.pins)}

@@ -13,10 +13,12 @@ which every job of the new invocation carries; the launcher sees it and does thi
    for this invocation holding only ``multirun.yaml``; that file moves into the old sweep
    dir as ``multirun.resume-<time>.yaml`` and the empty fresh dir is removed.
 2. Which jobs. Each job of this invocation is matched to a job of the old sweep by its
-   override list, taken without ``resume.*`` overrides and without the launcher's device
-   pins (sweep.json stores exactly that list), compared as a sorted list. A job with no
-   match stops the resume before anything runs: a resume must repeat the sweep's
-   overrides (the error shows the old ones).
+   override list (sweep.json stores each job's list without ``resume.*``; the launcher's
+   device pins were never in it), compared as a sorted list and without ``devices``
+   overrides: those only choose the pool, so a sweep may be resumed on other devices
+   (``devices=cpu`` first, ``devices=cuda4`` for the rest). A job with no match stops the
+   resume before anything runs: a resume must repeat the sweep's overrides (the error
+   shows the old ones).
 3. What runs. A job whose row in the old sweep.json is ``ok`` does not run again; its
    JobReturn is rebuilt from its run dir (``.hydra/``, its exit code). Every other job
    (failed, killed, interrupted, never started) runs again with its old ``hydra.job.num``
@@ -66,6 +68,16 @@ def own_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+def match_key(overrides: Sequence[str]) -> tuple[str, ...]:
+    """What identifies a job across a resume: its overrides minus resume.* and devices."""
+    keep = []
+    for o in own_overrides(overrides):
+        key = sweep_mod.split_override(o)[0]
+        if key != "devices" and not key.startswith("devices."):
+            keep.append(o)
+    return tuple(sorted(keep))
+
+
 def requested(config: DictConfig) -> Optional[str]:
     value = OmegaConf.select(config, "resume.run", default=None)
     return None if value in (None, "", "None", "null") else str(value)
@@ -106,10 +118,10 @@ def plan(config: DictConfig, value: str, job_overrides: Sequence[Sequence[str]])
     old = sweep_mod.records_of(doc)
     pool: dict[tuple, list[JobRecord]] = {}
     for r in old:
-        pool.setdefault(tuple(sorted(r.overrides)), []).append(r)
+        pool.setdefault(match_key(r.overrides), []).append(r)
     matched = []
     for overrides in job_overrides:
-        key = tuple(sorted(own_overrides(overrides)))
+        key = match_key(overrides)
         if not pool.get(key):
             known = "; ".join(" ".join(shlex.quote(o) for o in r.overrides) or "(none)"
                               for r in old[:6])
@@ -147,6 +159,13 @@ def kept_return(old: JobRecord, overrides: Sequence[str]) -> JobReturn:
         ret.hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml")
         ret.task_name = OmegaConf.select(ret.hydra_cfg, "hydra.job.name", default=None)
     return ret
+
+
+def drop_fresh_dir(config: DictConfig) -> None:
+    """A refused resume leaves no trace: remove the fresh dir if it holds only multirun.yaml."""
+    fresh = Path(str(config.hydra.sweep.dir)).absolute()
+    if fresh.is_dir() and {p.name for p in fresh.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def adopt_fresh_dir(config: DictConfig, old_sweep: Path) -> None:

@@ -8,7 +8,8 @@ one-line error, the other items go on.
 
 Outputs: ``embeddings/part-NNNNN.parquet`` (one per dispatched batch; ``-OOOO`` is appended
 when the OOM ladder or a bad item split the batch) with columns id (string), vector
-(fixed_size_list<float32>) and model (string); ``embeddings/manifest.json`` lists the shards
+(fixed_size_list<float32>) and the rung each row came from: model (string), batch_size
+(int32), device (string, e.g. cuda:1); ``embeddings/manifest.json`` lists the shards
 that hold done items, their row counts, the dim, the models and the normalisation.
 """
 from __future__ import annotations
@@ -203,7 +204,7 @@ class EmbedTask(Task):
         manifest = {"shards": shards, "rows": sum(s["rows"] for s in shards), "dim": dim,
                     "models": models, "normalized": self.cfg.normalize,
                     "columns": {"id": "string", "vector": f"fixed_size_list<float32>[{dim}]",
-                                "model": "string"},
+                                "model": "string", "batch_size": "int32", "device": "string"},
                     "orphans_removed": len(orphans)}
         if shards or out_dir.is_dir():
             atomic_write_json(out_dir / "manifest.json", manifest)
@@ -231,7 +232,10 @@ class EmbedTask(Task):
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), dim)
         table = pa.table({"id": pa.array([it.id for it in items], pa.string()),
                           "vector": vectors,
-                          "model": pa.array([ctx.model] * len(items), pa.string())})
+                          # provenance: the OOM ladder's rung this row came from
+                          "model": pa.array([ctx.model] * len(items), pa.string()),
+                          "batch_size": pa.array([ctx.batch_size] * len(items), pa.int32()),
+                          "device": pa.array([ctx.device] * len(items), pa.string())})
         name = f"part-{ctx.batch_no:05d}" + ("" if ctx.whole else f"-{ctx.offset:04d}")
         final = ctx.run_dir / self.output_dir / f"{name}.parquet"
         with atomic_path(final) as tmp:
