@@ -69,6 +69,19 @@ def test_discovery() -> None:
     assert RunnerLauncher.__name__ in [x.__name__ for x in Plugins.instance().discover(Launcher)]
 
 
+@pytest.fixture(autouse=True)
+def _unspecified_hydra_version_base():
+    """Hydra's suites expect no version_base set; an earlier test's
+    initialize(version_base="1.3") leaves it in a process-wide singleton."""
+    from hydra import version
+
+    vb = version.VersionBase.instance()
+    old = vb.version_base
+    vb.version_base = version._UNSPECIFIED_
+    yield
+    vb.version_base = old
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("launcher_name, overrides", [("runner", ["hydra.launcher.live=off", "hydra.launcher.max_parallel=2"])])
 class TestRunnerLauncher(LauncherTestSuite):
