@@ -145,7 +145,10 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
             raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
                               f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
     batch_size = cfg.batch_size or getattr(task, "default_batch_size", 1)
-    scheduler = Scheduler(journal, cfg.chunking.strategy, len(slots), batch_size)
+    sort_pages = bool(getattr(task, "sort_batches_by_cost", False))
+    scheduler = Scheduler(journal, cfg.chunking.strategy, len(slots), batch_size,
+                          page=max(1000, 64 * batch_size) if sort_pages else 1000,
+                          sort_pages=sort_pages)
     load = scheduler.plan()
     count, total_cost, longest = journal.todo_stats()
     journal.commit()

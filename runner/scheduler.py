@@ -64,12 +64,15 @@ class Scheduler:
     """What each slot gets next."""
 
     def __init__(self, journal: Journal, strategy: str, n_slots: int, batch_size: int,
-                 page: int = 1000):
+                 page: int = 1000, sort_pages: bool = False):
         self.journal = journal
         self.strategy = strategy
         self.n_slots = n_slots
         self.batch_size = batch_size
         self.page = max(page, batch_size)
+        # Tasks whose batch cost grows with its longest item (padded text) ask for each page
+        # to be cut into batches of similar cost: longest first within the page.
+        self.sort_pages = sort_pages
         self.retry: deque[tuple[Item, bool]] = deque()  # (item, suspect)
         self.shared = _Cursor(SHARED)
         self.own = {s: _Cursor(s) for s in range(n_slots)} if strategy != "dynamic" else {}
@@ -102,7 +105,10 @@ class Scheduler:
                     cur.exhausted = True
                     break
                 cur.after_seq = rows[-1][1]
-                cur.buffer.extend(item for item, _ in rows)
+                items = [item for item, _ in rows]
+                if self.sort_pages:
+                    items.sort(key=lambda it: -it.cost)
+                cur.buffer.extend(items)
             out.append(cur.buffer.popleft())
         return out
 

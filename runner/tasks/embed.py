@@ -66,6 +66,8 @@ def _hf_cached(name: str) -> bool:
 class EmbedTask(Task):
     name = "embed"
     output_dir = "embeddings"
+    #: a batch costs as much as its longest text (padding): cut pages into similar-length batches
+    sort_batches_by_cost = True
 
     def __init__(self, **fields: Any):
         fields.pop("_target_", None)
