@@ -290,4 +290,8 @@ class LocalExecutor:
             if not w.ready and now - w.started_at > self.start_timeout_s:
                 self.sup.note(f"{w.slot.label} did not load its model within "
                               f"{self.start_timeout_s:.0f}s; killing it")
-                w.process.kill()
+                self._kill_unstarted(w)
+
+    def _kill_unstarted(self, w: _Worker) -> None:
+        """Its sentinel then reports the death through the usual path."""
+        w.process.kill()

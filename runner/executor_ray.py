@@ -198,13 +198,8 @@ class RayExecutor(LocalExecutor):
             ray.kill(w.process, no_restart=True)
         return 0 if w.exhausted else None  # an exhausted chain is an orderly end
 
-    def _check_start_timeouts(self) -> None:
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            if not w.ready and now - w.started_at > self.start_timeout_s:
-                self.sup.note(f"{w.slot.label} did not load its model within "
-                              f"{self.start_timeout_s:.0f}s; killing it")
-                self._died(w, reason="start timeout")
+    def _kill_unstarted(self, w: _Worker) -> None:
+        self._died(w, reason="start timeout")  # an actor has no sentinel to report it
 
     def _stop_all(self, deadline_s: float) -> None:
         for w in list(self.workers.values()):
