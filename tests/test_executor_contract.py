@@ -38,7 +38,7 @@ def journal(run: Path) -> dict[str, tuple]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_items_done_journal_and_outputs(tmp_path, executor):
-    p = cli("task=sleep", "task.count=30", "task.ms=5", "devices=cpu2", f"executor={executor}",
+    p = cli("task=sleep", "task.count=30", "task.ms=40", "devices=cpu2", f"executor={executor}",
             f"outputs={tmp_path}", "progress=off")
     assert p.returncode == 0, p.stderr[-2000:]
     run = only_run(tmp_path, "sleep")
@@ -50,7 +50,9 @@ def test_items_done_journal_and_outputs(tmp_path, executor):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["exit_code"] == 0 and summary["items_done"] == 30
     assert [s["device"] for s in summary["slots"]] == ["cpu:0", "cpu:1"]
-    for slot in (0, 1):
+    worked = [s["slot"] for s in summary["slots"] if s["items"]]
+    assert worked  # a slot whose actor had not started when the work ran out may do none
+    for slot in worked:
         first = (run / "logs" / f"worker-{slot}.log").read_text().splitlines()[0]
         assert first.startswith("PID=") and f"slot={slot}" in first
 
