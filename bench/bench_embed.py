@@ -97,8 +97,10 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     """Tokens each batching scheme pushes through the model (padded), from the tokenizer.
 
     encode() sorts all inputs by length (characters) and batches neighbours; the runner
-    dispatches batches in input order and encode() sorts only inside each batch; the
-    pool hands out chunks of ceil(N/processes/10) in input order, each sorted inside.
+    reads the queue in pages of max(1000, 64 x batch) items in input order and cuts each
+    page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost, see
+    runner/app.py); batches in plain input order are shown for comparison; the pool hands
+    out chunks of ceil(N/processes/10) in input order, each sorted inside.
     """
     tok = model.tokenizer
     max_len = model.max_seq_length
@@ -118,13 +120,22 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     pool_order: list[int] = []
     for s in range(0, len(texts), chunk):
         pool_order += sorted(idx[s:s + chunk], key=lambda j: -chars[j])
+    page = max(1000, 64 * batch_size)
+    runner_order: list[int] = []
+    for s in range(0, len(texts), page):  # each page cut into batches from its own start
+        part = sorted(idx[s:s + page], key=lambda j: -chars[j])
+        runner_order += part
     real = sum(lengths)
     out = {"real_tokens": real,
            "encode_sorted_all": padded(by_chars),
-           "runner_input_order": padded(idx),
+           "runner_pages_sorted": sum(padded(runner_order[s:s + page])
+                                      for s in range(0, len(texts), page)),
+           "runner_page": page,
+           "input_order": padded(idx),
            "pool_chunks_sorted": padded(pool_order),
            "pool_chunk_size": chunk}
-    for k in ("encode_sorted_all", "runner_input_order", "pool_chunks_sorted"):
+    keys = ("encode_sorted_all", "runner_pages_sorted", "input_order", "pool_chunks_sorted")
+    for k in keys:
         out[k + "_x_real"] = round(out[k] / real, 3)
     return out
 
@@ -324,7 +335,8 @@ def _print_notes(res: dict[str, Any]) -> None:
     if "bare" in res and "padding" in res["bare"]:
         p = res["bare"]["padding"]
         print(f"padded tokens per scheme (x real tokens): encode sorted {p['encode_sorted_all_x_real']}, "
-              f"runner input order {p['runner_input_order_x_real']}, ST pool chunks "
+              f"runner pages of {p['runner_page']} sorted {p['runner_pages_sorted_x_real']}, "
+              f"plain input order {p['input_order_x_real']}, ST pool chunks "
               f"{p['pool_chunks_sorted_x_real']}; Parquet write "
               f"{res['bare']['parquet_write_ms_per_batch']:.1f} ms/batch")
 
