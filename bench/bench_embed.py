@@ -117,22 +117,19 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     idx = list(range(len(texts)))
     by_chars = sorted(idx, key=lambda j: -chars[j])
     chunk = max(1, -(-len(texts) // 2 // 10))
-    pool_order: list[int] = []
-    for s in range(0, len(texts), chunk):
-        pool_order += sorted(idx[s:s + chunk], key=lambda j: -chars[j])
+    pool_padded = sum(padded(sorted(idx[s:s + chunk], key=lambda j: -chars[j]))
+                      for s in range(0, len(texts), chunk))  # each chunk batched on its own
     page = max(1000, 64 * batch_size)
     runner_order: list[int] = []
-    for s in range(0, len(texts), page):  # each page cut into batches from its own start
-        part = sorted(idx[s:s + page], key=lambda j: -chars[j])
-        runner_order += part
+    for s in range(0, len(texts), page):  # batches then run across the page boundaries
+        runner_order += sorted(idx[s:s + page], key=lambda j: -chars[j])
     real = sum(lengths)
     out = {"real_tokens": real,
            "encode_sorted_all": padded(by_chars),
-           "runner_pages_sorted": sum(padded(runner_order[s:s + page])
-                                      for s in range(0, len(texts), page)),
+           "runner_pages_sorted": padded(runner_order),
            "runner_page": page,
            "input_order": padded(idx),
-           "pool_chunks_sorted": padded(pool_order),
+           "pool_chunks_sorted": pool_padded,
            "pool_chunk_size": chunk}
     keys = ("encode_sorted_all", "runner_pages_sorted", "input_order", "pool_chunks_sorted")
     for k in keys:
