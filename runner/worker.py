@@ -22,6 +22,8 @@ item, so one bad item fails alone.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import random
@@ -245,7 +247,24 @@ def start_worker(spec: WorkerSpec, conn: Any) -> tuple[_Ladder, logging.Logger] 
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of a spawned worker process (module-level, so it pickles)."""
+    """Entry point of a spawned worker process (module-level, so it pickles).
+
+    An orderly end (Stop, controller gone, chain exhausted, could not start) runs the exit
+    handlers (logging, multiprocessing's finalizers, ...) and then skips the rest of the
+    interpreter's teardown: with torch and transformers imported that takes ~2 s of module
+    and object clean-up the OS does anyway, while the controller waits to finish the run.
+    Outputs are already fsynced. An unexpected exception still ends the process the normal
+    way (traceback, exit 1).
+    """
+    _serve(spec, conn)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def _serve(spec: WorkerSpec, conn: Connection) -> None:
     # Library noise (progress bars, warnings) goes to this worker's log, not the terminal.
     with open(spec.log_path, "ab", buffering=0) as fh:
         os.dup2(fh.fileno(), 1)
