@@ -148,7 +148,7 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
     sort_pages = bool(getattr(task, "sort_batches_by_cost", False))
     scheduler = Scheduler(journal, cfg.chunking.strategy, len(slots), batch_size,
                           page=max(1000, 64 * batch_size) if sort_pages else 1000,
-                          sort_pages=sort_pages)
+                          sort_pages=sort_pages, guided_tail=cfg.chunking.guided_tail)
     load = scheduler.plan()
     count, total_cost, longest = journal.todo_stats()
     journal.commit()

@@ -37,6 +37,7 @@ class DevicesConfig:
 class ChunkingConfig:
     strategy: str = "dynamic"  # dynamic | size_balanced | contiguous | round_robin
     prefetch: int = 2  # batches handed to a worker ahead of the one it is running
+    guided_tail: bool = True  # dynamic: the last batches shrink so that slots finish together
 
 
 @dataclass

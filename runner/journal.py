@@ -19,6 +19,7 @@ is read back in pages ordered by seq, counts come from SQL.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -58,6 +59,7 @@ def check_transition(old: ItemStatus, new: ItemStatus) -> None:
         raise IllegalTransition(f"item state {old.value} -> {new.value} is not allowed")
 
 
+@functools.cache
 def _from(new: ItemStatus) -> tuple[str, ...]:
     """The states an item may be in to move to ``new`` (for SQL WHERE clauses)."""
     return tuple(s.value for s, targets in _LEGAL.items() if new in targets and s != ItemStatus.NEW)
@@ -89,6 +91,7 @@ class Journal:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._db.execute("BEGIN")
+        self._batch_no: int | None = None  # next_batch_no's counter, once read
         self._commit_every = commit_every_s
         self._last_commit = time.monotonic()
         self.gen = int(self.get_meta("gen", -1)) + 1
@@ -103,6 +106,7 @@ class Journal:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def commit(self) -> None:
+        self._flush_batch_no()
         self._db.execute("COMMIT")
         self._db.execute("BEGIN")
         self._last_commit = time.monotonic()
@@ -112,13 +116,22 @@ class Journal:
             self.commit()
 
     def close(self) -> None:
+        self._flush_batch_no()
         self._db.execute("COMMIT")
         self._db.close()
 
     def next_batch_no(self) -> int:
-        n = int(self.get_meta("batch_no", 0))
-        self.set_meta("batch_no", n + 1)
+        """Batch numbers never repeat in a run dir (they name output shards). Counted in
+        memory and written with each commit, in the same transaction as the items they
+        carried: a crash loses both together."""
+        if self._batch_no is None:
+            self._batch_no = int(self.get_meta("batch_no", 0))
+        n, self._batch_no = self._batch_no, self._batch_no + 1
         return n
+
+    def _flush_batch_no(self) -> None:
+        if self._batch_no is not None:
+            self.set_meta("batch_no", self._batch_no)
 
     # ---- discovery ------------------------------------------------------------------------
     def add(self, discovered: Iterable[Item | BadItem], chunk: int = 2000) -> None:
@@ -192,6 +205,28 @@ class Journal:
             check_transition(ItemStatus(row[0]) if row else ItemStatus.NEW, new)
             raise IllegalTransition(f"item {item_id!r}: no row moved to {new.value}")
 
+    def _move_many(self, new: ItemStatus, sets: str, rows: list[tuple[str, tuple]]) -> None:
+        """``_move`` for a batch in one executemany. If any row is refused, the batch is
+        undone and replayed one by one, so it ends exactly as ``_move`` per item would: the
+        items before the offender moved, the offender raises IllegalTransition."""
+        if len(rows) <= 1:  # one row: a plain execute is cheaper than a savepoint
+            for item_id, args in rows:
+                self._move(item_id, new, sets, args)
+            return
+        allowed = _from(new)
+        q = (f"UPDATE items SET status=?, {sets} WHERE id=? "
+             f"AND status IN ({','.join('?' * len(allowed))})")
+        self._db.execute("SAVEPOINT move_many")
+        moved = self._db.executemany(q, [(new.value, *args, item_id, *allowed)
+                                         for item_id, args in rows]).rowcount
+        if moved == len(rows):
+            self._db.execute("RELEASE move_many")
+            return
+        self._db.execute("ROLLBACK TO move_many")
+        self._db.execute("RELEASE move_many")
+        for item_id, args in rows:  # find it (and leave the journal as one-by-one would)
+            self._move(item_id, new, sets, args)
+
     def mark_running(self, item_id: str, slot: int, device: str, now: float) -> int:
         self._move(item_id, ItemStatus.RUNNING,
                    "attempts=attempts+1, slot=?, device=?, started=?, finished=NULL",
@@ -203,6 +238,17 @@ class Journal:
         self._move(item_id, ItemStatus.DONE,
                    "output=?, model=?, batch_size=?, started=?, finished=?, error=NULL",
                    (output, model, batch_size, started, finished))
+
+    def mark_running_many(self, item_ids: list[str], slot: int, device: str, now: float) -> None:
+        self._move_many(ItemStatus.RUNNING,
+                        "attempts=attempts+1, slot=?, device=?, started=?, finished=NULL",
+                        [(i, (slot, device, now)) for i in item_ids])
+
+    def mark_done_many(self, rows: list[tuple[str, str, str, int, float, float]]) -> None:
+        """(id, output, model, batch_size, started, finished) per item."""
+        self._move_many(ItemStatus.DONE,
+                        "output=?, model=?, batch_size=?, started=?, finished=?, error=NULL",
+                        [(r[0], r[1:]) for r in rows])
 
     def mark_failed(self, item_id: str, error: str, finished: float,
                     model: str | None = None) -> None:

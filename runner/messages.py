@@ -69,6 +69,9 @@ class ChunkDone:
     slot: int
     batch_no: int
     done: tuple[ItemDone, ...]
+    # the call's last chunk, all done: it stands for the BatchDone too (one message, one
+    # wake-up of the controller per call instead of two)
+    last: bool = False
 
 
 @dataclass(frozen=True)

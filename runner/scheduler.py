@@ -64,7 +64,7 @@ class Scheduler:
     """What each slot gets next."""
 
     def __init__(self, journal: Journal, strategy: str, n_slots: int, batch_size: int,
-                 page: int = 1000, sort_pages: bool = False):
+                 page: int = 1000, sort_pages: bool = False, guided_tail: bool = False):
         self.journal = journal
         self.strategy = strategy
         self.n_slots = n_slots
@@ -77,11 +77,24 @@ class Scheduler:
         self.shared = _Cursor(SHARED)
         self.own = {s: _Cursor(s) for s in range(n_slots)} if strategy != "dynamic" else {}
         self.lost: set[int] = set()
+        # Guided tail (OpenMP's "guided" schedule, for the shared queue only): once fewer
+        # than 2 x live slots x batch_size items are left, a batch is ceil(left / (2 x live
+        # slots)), so the last batches shrink towards one item and the slots finish
+        # together instead of up to a whole batch apart. One live slot has no one to wait
+        # for: its batches stay whole.
+        self.guided_tail = guided_tail
+        self.shared_left = 0  # items the shared cursor has not handed out yet
 
     def plan(self) -> dict[int, tuple[int, float]]:
         """Write the static assignment into the journal; return (count, cost) per slot."""
         if self.strategy == "dynamic":
-            self.journal.set_planned_slots((SHARED, i) for i, _ in self.journal.todo_costs(False))
+            self.shared_left = 0
+
+            def counted():  # streamed: the controller never holds every id
+                for item_id, _ in self.journal.todo_costs(False):
+                    self.shared_left += 1
+                    yield SHARED, item_id
+            self.journal.set_planned_slots(counted())
             return {}
         longest = self.strategy == "size_balanced"
         rows = list(self.journal.todo_costs(longest_first=longest))
@@ -124,7 +137,13 @@ class Scheduler:
             batch = self._take(self.own[slot], self.batch_size)
             if batch:
                 return batch
-        return self._take(self.shared, self.batch_size)
+        n = self.batch_size
+        live = max(1, self.n_slots - len(self.lost))
+        if self.guided_tail and live > 1 and self.shared_left < 2 * live * n:
+            n = max(1, math.ceil(self.shared_left / (2 * live)))
+        batch = self._take(self.shared, n)
+        self.shared_left = max(0, self.shared_left - len(batch))
+        return batch
 
     def requeue(self, items: list[Item], suspect: bool) -> None:
         """Items back to the shared retry queue (a worker died, or a retryable failure)."""

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from runner.devices import Slot
@@ -78,9 +79,9 @@ class Supervisor:
     # ---- dispatch ------------------------------------------------------------------------
     def next_batch(self, slot: Slot, pid: int | None) -> list[Item]:  # noqa: ARG002
         batch = self.scheduler.next_batch(slot.index)
-        now = time.time()
+        self.journal.mark_running_many([item.id for item in batch], slot.index, slot.label,
+                                       time.time())
         for item in batch:
-            self.journal.mark_running(item.id, slot.index, slot.label, now)
             self.inflight[slot.index][item.id] = item
         return batch
 
@@ -107,19 +108,27 @@ class Supervisor:
         st.last_finish = finished if st.last_finish is None else max(st.last_finish, finished)
 
     def item_done(self, msg: ItemDone) -> None:
-        if self.inflight[msg.slot].pop(msg.item_id, None) is None:
-            log.warning("result for %s from %s that was not in flight; ignored",
-                        msg.item_id, self.labels[msg.slot])
-            return
-        self.journal.mark_done(msg.item_id, msg.output, msg.model, msg.batch_size,
-                               msg.started, msg.finished)
-        st = self.stats[msg.slot]
-        st.items += 1
-        st.models[msg.model] = st.models.get(msg.model, 0) + 1
-        for k, v in msg.metrics.items():
-            st.metrics[k] = st.metrics.get(k, 0.0) + float(v)
-        self._busy(st, msg.batch_no, msg.started, msg.finished)
-        self.progress.advance(msg.slot, 1)
+        self.items_done([msg])
+
+    def items_done(self, msgs: Sequence[ItemDone]) -> None:
+        """A chunk's results: one journal write for all of them."""
+        fresh = []
+        for msg in msgs:
+            if self.inflight[msg.slot].pop(msg.item_id, None) is None:
+                log.warning("result for %s from %s that was not in flight; ignored",
+                            msg.item_id, self.labels[msg.slot])
+            else:
+                fresh.append(msg)
+        self.journal.mark_done_many([(m.item_id, m.output, m.model, m.batch_size, m.started,
+                                      m.finished) for m in fresh])
+        for msg in fresh:
+            st = self.stats[msg.slot]
+            st.items += 1
+            st.models[msg.model] = st.models.get(msg.model, 0) + 1
+            for k, v in msg.metrics.items():
+                st.metrics[k] = st.metrics.get(k, 0.0) + float(v)
+            self._busy(st, msg.batch_no, msg.started, msg.finished)
+            self.progress.advance(msg.slot, 1)
 
     def item_failed(self, msg: ItemFailed, pid: int | None) -> None:
         item = self.inflight[msg.slot].pop(msg.item_id, None)

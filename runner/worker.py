@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import select
 import sys
 import time
 import traceback
@@ -163,11 +164,14 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
             i += 1
             continue
         finished = time.time()
+        i += len(chunk)
+        last = i >= len(items)
         conn.send(ChunkDone(slot.index, call.batch_no, tuple(
             ItemDone(slot.index, call.batch_no, item.id, output, ladder.name, len(chunk),
                      started, finished, task.item_metrics(item, result))
-            for item, result, output in zip(chunk, results, outputs))))
-        i += len(chunk)
+            for item, result, output in zip(chunk, results, outputs)), last))
+        if last:
+            return True
     conn.send(BatchDone(slot.index, call.batch_no))
     return True
 
@@ -274,9 +278,11 @@ def _serve(spec: WorkerSpec, conn: Connection) -> None:
     if started is None:
         return
     ladder, log = started
+    poller = select.poll()  # one syscall per wait (Connection.poll builds a selector each time)
+    poller.register(conn.fileno(), select.POLLIN)
     while True:
         try:
-            if not conn.poll(spec.poll_s):
+            if not poller.poll(int(spec.poll_s * 1000)):
                 if os.getppid() != parent:
                     log.error("controller is gone; exiting")
                     return

@@ -178,6 +178,40 @@ def test_scheduler_dynamic_shares_one_queue():
     assert not sched.has_work()
 
 
+def test_guided_tail_shrinks_the_last_batches():
+    """chunking.guided_tail: under 2 x live slots x batch_size items left, a batch is
+    ceil(left / (2 x live slots)); before that, full batches; every item once, in order."""
+    items = [(f"g-{i:03d}", 1.0) for i in range(100)]
+    j = journal_with(items)
+    sched = Scheduler(j, "dynamic", 2, batch_size=8, guided_tail=True)
+    sched.plan()
+    sizes, got, left = [], [], 100
+    while batch := sched.next_batch(len(sizes) % 2):
+        expect = 8 if left >= 2 * 2 * 8 else math.ceil(left / 4)
+        assert len(batch) == expect, (left, len(batch))
+        sizes.append(len(batch))
+        got += [it.id for it in batch]
+        left -= len(batch)
+    assert got == [i for i, _ in items]
+    assert sizes == [8] * 9 + [7, 6, 4, 3, 2, 2, 1, 1, 1, 1]
+    # a slot lost for good: the rest is shared among fewer, so batches shrink later
+    j2 = journal_with(items)
+    sched2 = Scheduler(j2, "dynamic", 3, batch_size=8, guided_tail=True)
+    sched2.plan()
+    sched2.slot_lost(2)
+    assert [len(sched2.next_batch(0)) for _ in range(10)] == [8] * 9 + [7]
+    # one live slot: nothing to balance, batches stay whole
+    j4 = journal_with(items)
+    sched4 = Scheduler(j4, "dynamic", 1, batch_size=8, guided_tail=True)
+    sched4.plan()
+    assert [len(sched4.next_batch(0)) for _ in range(14)] == [8] * 12 + [4, 0]
+    # off (the default of Scheduler, which the other cases here use): full batches
+    j3 = journal_with(items)
+    sched3 = Scheduler(j3, "dynamic", 2, batch_size=8)
+    sched3.plan()
+    assert [len(sched3.next_batch(0)) for _ in range(14)] == [8] * 12 + [4, 0]
+
+
 def test_lost_slot_hands_its_list_to_the_others():
     items = skewed(12)
     j = journal_with(items)

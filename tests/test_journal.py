@@ -126,6 +126,29 @@ def test_attempts_count_and_refund(tmp_path):
     j.close()
 
 
+def test_batch_moves_match_one_by_one(tmp_path):
+    """mark_*_many is one executemany; a refused row leaves the journal as per-item moves would."""
+    j = _journal(tmp_path, 4)
+    j.mark_running_many(["i0", "i1", "i2"], 1, "cpu:1", 5.0)
+    assert [j.attempts(i) for i in ("i0", "i1", "i2", "i3")] == [1, 1, 1, 0]
+    j.mark_done_many([("i0", "o0", "m", 3, 5.0, 6.0), ("i1", "o1", "m", 3, 5.0, 6.5)])
+    rows = dict((r[0], r[1:]) for r in j._db.execute(
+        "SELECT id, status, output, slot, device, started, finished FROM items"))
+    assert rows["i0"] == ("done", "o0", 1, "cpu:1", 5.0, 6.0)
+    assert rows["i1"] == ("done", "o1", 1, "cpu:1", 5.0, 6.5)
+    assert rows["i2"][0] == "running" and rows["i3"][0] == "pending"
+    # i3 is pending, so done is refused for it: i2 (before it) moves, i3 raises, i1 (already
+    # done, after it) is never reached
+    with pytest.raises(IllegalTransition, match="pending -> done"):
+        j.mark_done_many([("i2", "o2", "m", 1, 5.0, 7.0), ("i3", "o3", "m", 1, 5.0, 7.0),
+                          ("i1", "x", "m", 1, 0.0, 0.0)])
+    got = dict(j._db.execute("SELECT id, status FROM items").fetchall())
+    assert got == {"i0": "done", "i1": "done", "i2": "done", "i3": "pending"}
+    assert j._db.execute("SELECT output FROM items WHERE id='i1'").fetchone()[0] == "o1"
+    j.mark_running_many([], 0, "cpu:0", 1.0)  # nothing to move is not an error
+    j.close()
+
+
 def test_add_keeps_known_items_state_and_streams(tmp_path):
     j = _journal(tmp_path, 3)
     _put(j, "i0", S.DONE)

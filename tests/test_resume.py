@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -24,6 +25,17 @@ def _mtimes(run_dir, rows):
 
 def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _committed_done(run_dir) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=1)
+        try:
+            return db.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
 
 
 def _alive(pid: int) -> bool:
@@ -44,7 +56,9 @@ def test_controller_sigkilled_then_resume_latest(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             dirs = run_dirs(tmp_path)
-            if dirs and len(list((dirs[0] / "faulty").glob("*.json"))) >= 12:
+            # kill once the journal has committed some done items (it commits every 0.5 s)
+            if (dirs and len(list((dirs[0] / "faulty").glob("*.json"))) >= 12
+                    and _committed_done(dirs[0]) > 0):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
