@@ -191,7 +191,10 @@ def _env(index: int, backend: str | None, device_id: int | None, threads: int) -
         "RUNNER_SLOT": str(index),  # the worker's slot: lets a task tell its workers apart
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
+        # HF tokenizers (Rust, a rayon pool) get the same thread budget as torch: parallel
+        # with more than one thread (bare encode() tokenises in parallel too), off with one.
+        "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false",
+        "RAYON_NUM_THREADS": str(threads),
     }
     if backend is None:  # CPU worker: no accelerator visible at all
         env["CUDA_VISIBLE_DEVICES"] = ""
