@@ -39,7 +39,7 @@ from runner.devices import Slot
 from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, Ready, RungChanged,
                              SlotExhausted, StartFailed, Stop, WorkerSpec)
 from runner.supervisor import Supervisor
-from runner.worker import worker_main
+from runner.worker import pipe_poller, worker_main
 
 log = logging.getLogger("runner")
 
@@ -85,12 +85,7 @@ class _Worker:
     exhausted: bool = False
     failed_to_start: str = ""
     poller: Any = None  # select.poll on the pipe alone: "anything more to read?" is one syscall
-
-
-def _pipe_poller(conn: Any) -> Any:
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    return poller
+    #                     (LocalExecutor sets it; the Ray executor has no pipe and no _drain)
 
 
 @dataclass
@@ -136,7 +131,7 @@ class LocalExecutor:
             proc.start()
         child_conn.close()
         self.workers[slot.index] = _Worker(slot, incarnation, proc, parent_conn, time.monotonic(),
-                                           pid=proc.pid, poller=_pipe_poller(parent_conn))
+                                           pid=proc.pid, poller=pipe_poller(parent_conn))
 
     def _stop_all(self, deadline_s: float) -> None:
         for w in self.workers.values():
@@ -236,7 +231,7 @@ class LocalExecutor:
     def _drain(self, w: _Worker) -> bool:
         """Handle every message waiting on ``w``'s pipe; False if the pipe broke."""
         try:
-            while w.poller.poll(0) if w.poller is not None else w.conn.poll(0):
+            while w.poller.poll(0):
                 self._handle(w, w.conn.recv())
         except (EOFError, OSError, ValueError):
             return False
@@ -248,9 +243,8 @@ class LocalExecutor:
     def _handle(self, w: _Worker, msg: Any) -> None:
         if isinstance(msg, ChunkDone):
             self.sup.items_done(msg.done)
-            if msg.last:
-                w.outstanding -= 1
-                self.sup.batch_done(BatchDone(msg.slot, msg.batch_no))
+            if msg.last:  # it stands for the call's BatchDone
+                self._handle(w, BatchDone(msg.slot, msg.batch_no))
         elif isinstance(msg, ItemFailed):
             self.sup.item_failed(msg, w.pid)
         elif isinstance(msg, BatchDone):

@@ -65,6 +65,13 @@ def _from(new: ItemStatus) -> tuple[str, ...]:
     return tuple(s.value for s, targets in _LEGAL.items() if new in targets and s != ItemStatus.NEW)
 
 
+@functools.cache
+def _update_sql(new: ItemStatus, sets: str) -> str:
+    """The UPDATE that moves one item to ``new`` only from a state it may leave for it."""
+    return (f"UPDATE items SET status=?, {sets} WHERE id=? "
+            f"AND status IN ({','.join('?' * len(_from(new)))})")
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
@@ -197,10 +204,8 @@ class Journal:
 
     # ---- state changes (controller only) --------------------------------------------------
     def _move(self, item_id: str, new: ItemStatus, sets: str, args: tuple) -> None:
-        allowed = _from(new)
-        q = (f"UPDATE items SET status=?, {sets} WHERE id=? "
-             f"AND status IN ({','.join('?' * len(allowed))})")
-        if self._db.execute(q, (new.value, *args, item_id, *allowed)).rowcount != 1:
+        if self._db.execute(_update_sql(new, sets), (new.value, *args, item_id, *_from(new))
+                            ).rowcount != 1:
             row = self._db.execute("SELECT status FROM items WHERE id=?", (item_id,)).fetchone()
             check_transition(ItemStatus(row[0]) if row else ItemStatus.NEW, new)
             raise IllegalTransition(f"item {item_id!r}: no row moved to {new.value}")
@@ -214,11 +219,9 @@ class Journal:
                 self._move(item_id, new, sets, args)
             return
         allowed = _from(new)
-        q = (f"UPDATE items SET status=?, {sets} WHERE id=? "
-             f"AND status IN ({','.join('?' * len(allowed))})")
         self._db.execute("SAVEPOINT move_many")
-        moved = self._db.executemany(q, [(new.value, *args, item_id, *allowed)
-                                         for item_id, args in rows]).rowcount
+        moved = self._db.executemany(_update_sql(new, sets), [
+            (new.value, *args, item_id, *allowed) for item_id, args in rows]).rowcount
         if moved == len(rows):
             self._db.execute("RELEASE move_many")
             return
@@ -228,16 +231,12 @@ class Journal:
             self._move(item_id, new, sets, args)
 
     def mark_running(self, item_id: str, slot: int, device: str, now: float) -> int:
-        self._move(item_id, ItemStatus.RUNNING,
-                   "attempts=attempts+1, slot=?, device=?, started=?, finished=NULL",
-                   (slot, device, now))
+        self.mark_running_many([item_id], slot, device, now)
         return self.attempts(item_id)
 
     def mark_done(self, item_id: str, output: str, model: str, batch_size: int,
                   started: float, finished: float) -> None:
-        self._move(item_id, ItemStatus.DONE,
-                   "output=?, model=?, batch_size=?, started=?, finished=?, error=NULL",
-                   (output, model, batch_size, started, finished))
+        self.mark_done_many([(item_id, output, model, batch_size, started, finished)])
 
     def mark_running_many(self, item_ids: list[str], slot: int, device: str, now: float) -> None:
         self._move_many(ItemStatus.RUNNING,

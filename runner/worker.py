@@ -250,6 +250,14 @@ def start_worker(spec: WorkerSpec, conn: Any) -> tuple[_Ladder, logging.Logger] 
         return None
 
 
+def pipe_poller(conn: Connection) -> Any:
+    """A ``select.poll`` on one pipe: a wait is one syscall, where ``Connection.poll`` builds
+    a selectors object every time (shared with the controller's side, executor.py)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller
+
+
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned worker process (module-level, so it pickles).
 
@@ -278,8 +286,7 @@ def _serve(spec: WorkerSpec, conn: Connection) -> None:
     if started is None:
         return
     ladder, log = started
-    poller = select.poll()  # one syscall per wait (Connection.poll builds a selector each time)
-    poller.register(conn.fileno(), select.POLLIN)
+    poller = pipe_poller(conn)
     while True:
         try:
             if not poller.poll(int(spec.poll_s * 1000)):
