@@ -98,9 +98,8 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     """Tokens each batching scheme pushes through the model (padded), from the tokenizer.
 
     encode() sorts all inputs by length (characters) and batches neighbours; the runner
-    reads the queue in pages of max(1000, 64 x batch) items in input order and cuts each
-    page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost, see
-    runner/app.py); batches in plain input order are shown for comparison; the pool hands
+    reads the queue in pages (runner.scheduler.page_size: 128 batches) in input order and cuts
+    each page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost); batches in plain input order are shown for comparison; the pool hands
     out chunks of ceil(N/processes/10) in input order, each sorted inside.
     """
     tok = model.tokenizer
@@ -120,7 +119,9 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     chunk = max(1, -(-len(texts) // 2 // 10))
     pool_padded = sum(padded(sorted(idx[s:s + chunk], key=lambda j: -chars[j]))
                       for s in range(0, len(texts), chunk))  # each chunk batched on its own
-    page = max(1000, 64 * batch_size)
+    from runner.scheduler import page_size
+
+    page = page_size(batch_size, sort_pages=True)
     runner_order: list[int] = []
     for s in range(0, len(texts), page):  # batches then run across the page boundaries
         runner_order += sorted(idx[s:s + page], key=lambda j: -chars[j])

@@ -1,5 +1,8 @@
 """The Hydra app: compose -> plan -> execute -> report, and the exit code.
 
+A new local run spawns its workers before discovery (they boot and load their models while
+the controller journals the items and plans); a resume or a Ray run spawns after planning.
+
 ``python -m runner`` and the ``runner`` console script both call :func:`main`.
 Exit codes: 0 all done · 1 could not start (one line) · 3 finished with failed items (or
 items left because every worker slot was lost) · 130 interrupted (resumable).
@@ -28,7 +31,7 @@ from runner.journal import Journal
 from runner.plan import Plan, chain_dict, inventory_notes, slot_plans
 from runner.progress import make_progress
 from runner.rundir import RunDir, atomic_write_json, atomic_write_text
-from runner.scheduler import Scheduler
+from runner.scheduler import Scheduler, page_size
 from runner.supervisor import Supervisor
 from runner.tasks.base import BadItem, ConfigError, FinalizeContext
 
@@ -127,14 +130,6 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
 
 
 def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backends, resume_info):
-    bad: list[BadItem] = []
-    journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
-    if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
-        for b in bad:
-            atomic_write_json(rundir.error_file(b.id), {
-                "item": b.id, "stage": "discovery", "error": b.error, "time": time.time()})
-    recovered = journal.recover(cfg.resume.retry_failed)
-    counts_before = journal.counts()
     chains = {b: task.model_chain(b) for b in backends}
     warnings = [f"model {r.name} skipped on {b}: {r.reason}"
                 for b, rungs in chains.items() for r in rungs if not r.available]
@@ -145,9 +140,65 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
             raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
                               f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
     batch_size = cfg.batch_size or getattr(task, "default_batch_size", 1)
+    early = None
+    if not cfg.dry_run and not resume_info and cfg.executor.kind == "local":
+        # A new run always has work (bar an empty input): its workers boot -- interpreter,
+        # task import, model load -- while discovery and planning run here, and are ready
+        # together when the first batch goes out. A resume may have nothing left to do, so
+        # it starts no worker before it knows.
+        early = _new_executor(cfg, rundir, None, _spec_maker(cfg, rundir, task_cfg, chains,
+                                                              batch_size))
+        early.start(_worker_slots(slots, task))
+    try:
+        return _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots,
+                             resume_info, chains, warnings, batch_size, early)
+    finally:
+        if early is not None:
+            early.close()  # stops the workers if the run never reached them (no-op after)
+
+
+def _new_executor(cfg, rundir, sup, make_spec):
+    e = cfg.executor
+    args = (sup, make_spec, e.max_restarts, e.grace_s, e.stop_timeout_s, e.start_timeout_s,
+            cfg.chunking.prefetch)
+    if e.kind == "ray":
+        from runner.executor_ray import RayExecutor  # optional extra
+
+        return RayExecutor(*args, address=e.address, run_dir=rundir.root)
+    from runner.executor import LocalExecutor
+
+    return LocalExecutor(*args)
+
+
+def _spec_maker(cfg, rundir, task_cfg, chains, batch_size):
+    from runner.messages import WorkerSpec
+
+    def make_spec(slot, incarnation):
+        return WorkerSpec(slot, incarnation, task_cfg, tuple(chains[slot.backend]), batch_size,
+                          str(rundir.root), str(rundir.worker_log(slot.index)), cfg.seed)
+    return make_spec
+
+
+def _worker_slots(slots, task):
+    """The slots as workers get them: the task's own variables added to each environment."""
+    extra_env = task.worker_env()
+    return [type(s)(s.index, s.backend, s.device_id, s.threads, {**s.env, **extra_env})
+            for s in slots]
+
+
+def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, resume_info,
+                  chains, warnings, batch_size, early):
+    bad: list[BadItem] = []
+    journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
+    if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
+        for b in bad:
+            atomic_write_json(rundir.error_file(b.id), {
+                "item": b.id, "stage": "discovery", "error": b.error, "time": time.time()})
+    recovered = journal.recover(cfg.resume.retry_failed)
+    counts_before = journal.counts()
     sort_pages = bool(getattr(task, "sort_batches_by_cost", False))
     scheduler = Scheduler(journal, cfg.chunking.strategy, len(slots), batch_size,
-                          page=max(1000, 64 * batch_size) if sort_pages else 1000,
+                          page=page_size(batch_size, sort_pages),
                           sort_pages=sort_pages, guided_tail=cfg.chunking.guided_tail)
     load = scheduler.plan()
     count, total_cost, longest = journal.todo_stats()
@@ -178,37 +229,25 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
          "nodes": inventory.nodes, "notes": inventory.notes}, argv))
     log.info("run dir %s: %d item(s) to do on %d slot(s)", rundir.root, count, len(slots))
     return _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size,
-                      scheduler, load, count)
+                      scheduler, load, count, early)
 
 
 def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size, scheduler,
-               load, count) -> int:
-    from runner.executor import LocalExecutor
-    from runner.messages import WorkerSpec
-
+               load, count, early) -> int:
     progress = make_progress(cfg.progress)
     progress.start({s.index: s.label for s in slots}, count, {i: n for i, (n, _) in load.items()})
     sup = Supervisor(journal, scheduler, rundir, slots, cfg.checkpoint.max_attempts, progress)
-    extra_env = task.worker_env()
-    slots = [type(s)(s.index, s.backend, s.device_id, s.threads, {**s.env, **extra_env})
-             for s in slots]
-
-    def make_spec(slot, incarnation):
-        return WorkerSpec(slot, incarnation, task_cfg, tuple(chains[slot.backend]), batch_size,
-                          str(rundir.root), str(rundir.worker_log(slot.index)), cfg.seed)
-
-    e = cfg.executor
-    args = (sup, make_spec, e.max_restarts, e.grace_s, e.stop_timeout_s, e.start_timeout_s,
-            cfg.chunking.prefetch)
-    if e.kind == "ray":
-        from runner.executor_ray import RayExecutor  # optional extra
-
-        ex = RayExecutor(*args, address=e.address, run_dir=rundir.root)
-    else:
-        ex = LocalExecutor(*args)
+    slots = _worker_slots(slots, task)
     t0 = time.time()
+    if early is not None:  # spawned before discovery (see _execute)
+        ex, t0 = early, early.spawned_at
+        ex.sup = sup
+    else:
+        ex = _new_executor(cfg, rundir, sup, _spec_maker(cfg, rundir, task_cfg, chains, batch_size))
     try:
-        if count:  # a resume with nothing left to do starts no worker (and loads no model)
+        # A resume with nothing left to do starts no worker (and loads no model); a new run
+        # with an empty input stops the workers it started early (_execute).
+        if count:
             ex.run(slots)
     finally:
         progress.close()

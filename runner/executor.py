@@ -106,7 +106,7 @@ class Interrupts:
 class LocalExecutor:
     """Spawns, feeds, watches and restarts the worker processes of a plan."""
 
-    def __init__(self, sup: Supervisor, make_spec: Callable[[Slot, int], WorkerSpec],
+    def __init__(self, sup: Supervisor | None, make_spec: Callable[[Slot, int], WorkerSpec],
                  max_restarts: int, grace_s: float, stop_timeout_s: float,
                  start_timeout_s: float, prefetch: int):
         self.sup = sup
@@ -120,9 +120,11 @@ class LocalExecutor:
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, int] = {}
         self.interrupts = Interrupts()
+        self.spawned_at = 0.0  # time.time() of the first spawn (start or run)
 
     # ---- process mechanics -------------------------------------------------------------
     def _start(self, slot: Slot, incarnation: int) -> None:
+        self.spawned_at = self.spawned_at or time.time()
         spec = self.make_spec(slot, incarnation)
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(target=worker_main, args=(spec, child_conn),
@@ -150,19 +152,35 @@ class LocalExecutor:
                 w.process.kill()
                 w.process.join(5)
 
-    # ---- the loop ----------------------------------------------------------------------
-    def run(self, slots: list[Slot]) -> None:
-        old = {s: signal.signal(s, self.interrupts.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for slot in slots:
+    def start(self, slots: list[Slot]) -> None:
+        """Spawn the slots' workers now, before there is a supervisor to feed them: they boot
+        and load their models while the controller discovers and plans. Their Ready waits in
+        the pipe for :meth:`run`; :meth:`close` stops them if the run never gets there."""
+        for slot in slots:
+            if slot.index not in self.workers:
                 self.restarts[slot.index] = 0
                 self._start(slot, 0)
+
+    def close(self) -> None:
+        """Stop any worker still running (workers started and never run); idempotent."""
+        if self.workers:
+            self._stop_all(self.stop_timeout_s)
+            self.workers.clear()
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self, slots: list[Slot]) -> None:
+        if self.sup is None:
+            raise RuntimeError("LocalExecutor.run: set .sup (the Supervisor) first")
+        old = {s: signal.signal(s, self.interrupts.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start(slots)
             self._loop()
         finally:
             self._stop_all(self.stop_timeout_s if self.interrupts.count < 2 else 0.5)
             for w in list(self.workers.values()):
                 self._drain(w)
                 self.sup.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
+            self.workers.clear()
             for s, h in old.items():
                 signal.signal(s, h)
 

@@ -28,6 +28,18 @@ from runner.journal import Journal
 from runner.tasks.base import Item
 
 SHARED = None  # planned_slot of items in the shared queue
+SORTED_PAGE_BATCHES = 128  # a page that is sorted by cost holds this many batches
+
+
+def page_size(batch_size: int, sort_pages: bool) -> int:
+    """Items the scheduler reads from the journal at once.
+
+    A page sorted by cost is cut into batches of similar cost, so the larger the page, the
+    closer its padding gets to one global sort: all-MiniLM-L6-v2, 20,000 sentences, batch
+    64 -> pages of 4,096 pad to 1.173 x the real tokens, 8,192 to 1.163, one sort of all
+    to 1.159. The price is the page's payloads in memory (8,192 texts: a few MB).
+    """
+    return max(1000, SORTED_PAGE_BATCHES * batch_size) if sort_pages else 1000
 
 
 @dataclass

@@ -13,12 +13,16 @@ What it records for every item (``probe/<id>.json``):
   ``torch.set_num_threads``).
 
 ``use_torch=false`` skips torch altogether (a fast probe of the environment only).
+``discover_s`` makes discovery (in the controller) take that long; ``loaded_at`` and
+``processed_at`` (time.time() in the worker) then show whether the worker had booted and
+loaded its model before discovery was over.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from typing import Any, Iterator, Sequence
 
 from runner.rundir import atomic_write_text, safe_name
@@ -33,12 +37,14 @@ class EnvProbeTask(Task):
     name = "probe"
     output_dir = "probe"
 
-    def __init__(self, count: int = 8, use_torch: bool = True, **_: Any):
+    def __init__(self, count: int = 8, use_torch: bool = True, discover_s: float = 0.0, **_: Any):
         self.count = count
         self.use_torch = use_torch
+        self.discover_s = discover_s
         self.default_batch_size = 1
 
     def discover(self) -> Iterator[Item]:
+        time.sleep(self.discover_s)
         for i in range(self.count):
             yield Item(f"item-{i:03d}", 1.0, str(i))
 
@@ -46,7 +52,7 @@ class EnvProbeTask(Task):
         return [ModelRung("probe", "probe", True, "test model")]
 
     def load_model(self, rung: ModelRung, device: str) -> Any:
-        seen = {"pid": os.getpid(), "device": device, "torch_at_import": TORCH_AT_IMPORT,
+        seen = {"pid": os.getpid(), "device": device, "loaded_at": time.time(), "torch_at_import": TORCH_AT_IMPORT,
                 "torch_at_load": "torch" in sys.modules, "env_at_import": ENV_AT_IMPORT,
                 **{k: os.environ.get(k) for k in ENV_AT_IMPORT}}
         if self.use_torch:
@@ -57,7 +63,7 @@ class EnvProbeTask(Task):
 
     def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
         threads = sys.modules["torch"].get_num_threads() if self.use_torch else None
-        return [{**model, "threads": threads} for _ in items]
+        return [{**model, "threads": threads, "processed_at": time.time()} for _ in items]
 
     def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
         out = []

@@ -98,6 +98,24 @@ def test_cpu2_workers_through_the_cli(tmp_path):
         recs[0]["pid"] for recs in probes(run).values())
 
 
+@pytest.mark.timeout(120)
+def test_a_new_runs_workers_boot_while_discovery_runs(tmp_path):
+    """Discovery takes 3 s here: the workers, spawned before it, have loaded their model
+    long before their first item (spawned after it, they would load it just before)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "runner", "task=sleep", f"task._target_={TARGET}", "task.count=4",
+         "+task.use_torch=false", "+task.discover_s=3.0", "devices=cpu2",
+         "devices.threads_per_worker=1", "batch_size=1", f"outputs={tmp_path}", "progress=off"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (tmp_path / "sleep").iterdir()
+    by_slot = probes(run)
+    assert sorted(by_slot) == [0, 1]
+    for recs in by_slot.values():
+        waited = min(rec["processed_at"] for rec in recs) - recs[0]["loaded_at"]
+        assert waited > 1.5, f"the worker loaded its model only {waited:.2f}s before its first item"
+
+
 # ---- CUDA / Arc slots on the real executor, with a fake inventory --------------------------------
 def run_executor(root: Path, slots, count: int) -> Path:
     task_cfg = {"_target_": TARGET, "count": count, "use_torch": True}
