@@ -3,7 +3,7 @@
 A new local run spawns its workers before discovery (they boot and load their models while
 the controller journals the items and plans); a resume or a Ray run spawns after planning.
 
-``python -m runner`` and the ``runner`` console script both call :func:`main`.
+``python -m runner`` and the ``runner`` console script (via runner/cli.py) both call :func:`main`.
 Exit codes: 0 all done · 1 could not start (one line) · 3 finished with failed items (or
 items left because every worker slot was lost) · 130 interrupted (resumable).
 """

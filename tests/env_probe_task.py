@@ -13,6 +13,8 @@ What it records for every item (``probe/<id>.json``):
   ``torch.set_num_threads``).
 
 ``use_torch=false`` skips torch altogether (a fast probe of the environment only).
+``app_at_load``: was the Hydra app (runner.app) imported in the worker (it must not be:
+spawn re-runs the parent's main script, and the console script must not drag the app in).
 ``discover_s`` makes discovery (in the controller) take that long; ``loaded_at`` and
 ``processed_at`` (time.time() in the worker) then show whether the worker had booted and
 loaded its model before discovery was over.
@@ -53,7 +55,7 @@ class EnvProbeTask(Task):
 
     def load_model(self, rung: ModelRung, device: str) -> Any:
         seen = {"pid": os.getpid(), "device": device, "loaded_at": time.time(), "torch_at_import": TORCH_AT_IMPORT,
-                "torch_at_load": "torch" in sys.modules, "env_at_import": ENV_AT_IMPORT,
+                "torch_at_load": "torch" in sys.modules, "app_at_load": "runner.app" in sys.modules, "env_at_import": ENV_AT_IMPORT,
                 **{k: os.environ.get(k) for k in ENV_AT_IMPORT}}
         if self.use_torch:
             import torch

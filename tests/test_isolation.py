@@ -116,6 +116,26 @@ def test_a_new_runs_workers_boot_while_discovery_runs(tmp_path):
         assert waited > 1.5, f"the worker loaded its model only {waited:.2f}s before its first item"
 
 
+@pytest.mark.timeout(120)
+def test_the_console_script_is_the_same_app_and_workers_stay_light(tmp_path):
+    """``runner`` (the console script) runs the same app; its workers, which re-run the
+    script under spawn, do not import the Hydra app."""
+    script = Path(sys.executable).parent / "runner"
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (not installed with pip install -e .)")
+    r = subprocess.run(
+        [str(script), "task=sleep", f"task._target_={TARGET}", "task.count=4",
+         "+task.use_torch=false", "devices=cpu2", "devices.threads_per_worker=1",
+         "batch_size=1", f"outputs={tmp_path}", "progress=off"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})  # a script's sys.path[0] is its own dir
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (tmp_path / "sleep").iterdir()
+    recs = [rec for slot in probes(run).values() for rec in slot]
+    assert len(recs) == 4
+    assert not any(rec["app_at_load"] for rec in recs), "a worker imported runner.app"
+
+
 # ---- CUDA / Arc slots on the real executor, with a fake inventory --------------------------------
 def run_executor(root: Path, slots, count: int) -> Path:
     task_cfg = {"_target_": TARGET, "count": count, "use_torch": True}
