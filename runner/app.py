@@ -30,7 +30,7 @@ from runner import provenance, report, resume as resume_mod
 from runner.journal import Journal
 from runner.plan import Plan, chain_dict, inventory_notes, slot_plans
 from runner.progress import make_progress
-from runner.rundir import RunDir, atomic_write_json, atomic_write_text
+from runner.rundir import RunDir, atomic_write_json, atomic_write_text, remove_stale_temps
 from runner.scheduler import Scheduler, page_size
 from runner.supervisor import Supervisor
 from runner.tasks.base import BadItem, ConfigError, FinalizeContext
@@ -252,6 +252,11 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
     finally:
         progress.close()
         journal.commit()
+        # every worker has stopped: a temp file is what a write killed half-way left behind
+        stale = remove_stale_temps(rundir.output(task.output_dir))
+        if stale:
+            log.info("removed %d temp file(s) of writes cut short (%s ...)", len(stale),
+                     rundir.relative(stale[0]))
     wall = time.time() - t0
     extra = task.finalize(FinalizeContext(rundir.root, journal.done_view()))
     counts = journal.counts()

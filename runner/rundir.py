@@ -55,6 +55,19 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove what :func:`atomic_path` leaves when its writer is killed half-way
+    (``.<name>.<random>.tmp``) anywhere under ``folder``. Only safe when no writer is alive:
+    the controller calls it once every worker of the run has stopped."""
+    removed = []
+    for p in sorted(Path(folder).rglob(".*.tmp")) if Path(folder).is_dir() else []:
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(final: Path, data: bytes) -> None:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)

@@ -14,7 +14,8 @@ Items ``item-000000`` .. sleep ``ms`` each (payload) and write one JSON file per
   ``exit`` (``sys.exit(3)``), ``sigkill`` (``os.kill(getpid(), SIGKILL)``), ``segv``
   (``ctypes.string_at(0)``), ``segv_fh`` (``faulthandler._sigsegv()``);
 * where — ``process`` (default; the item's turn inside the batch, so mid-batch when it is
-  not first) or ``write`` (after the batch's earlier items are already on disk);
+  not first), ``write`` (after the batch's earlier items are already on disk) or
+  ``inwrite`` (inside the item's atomic write: its temp file exists, its output does not);
 * when  — ``always`` (default: a poison item) or ``once`` (only the first attempt: a marker
   file ``<run dir>/fault-markers/<id>.<where>`` created with O_EXCL before the fault).
 
@@ -37,11 +38,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from runner.rundir import atomic_write_text, safe_name
+from runner.rundir import atomic_path, safe_name
 from runner.tasks.base import BadInput, ConfigError, Item, ModelRung, Task, WriteContext
 
 KINDS = ("raise", "badinput", "exit", "sigkill", "segv", "segv_fh")
-WHERES = ("process", "write")
+WHERES = ("process", "write", "inwrite")
 WHENS = ("always", "once")
 RUN_DIR_ENV = "FAULTY_RUN_DIR"
 
@@ -160,9 +161,11 @@ class FaultyTask(Task):
         for it, _r in zip(items, results):
             self._maybe_fault(it, "write")
             rel = f"{self.output_dir}/{safe_name(it.id)}.json"
-            atomic_write_text(ctx.run_dir / rel, json.dumps({
-                "id": it.id, "pid": os.getpid(), "slot": ctx.slot, "batch_no": ctx.batch_no,
-                "batch_size": ctx.batch_size, "model": ctx.model}))
+            with atomic_path(ctx.run_dir / rel) as tmp:
+                tmp.write_text(json.dumps({
+                    "id": it.id, "pid": os.getpid(), "slot": ctx.slot, "batch_no": ctx.batch_no,
+                    "batch_size": ctx.batch_size, "model": ctx.model}))
+                self._maybe_fault(it, "inwrite")
             out.append(rel)
         return out
 

@@ -56,6 +56,8 @@ CRASH_CASES = {
     "sigkill-process-always-batch": Case("5:sigkill", batch=4, exit=3, failed={5: "quarantined"},
                                          exit_name={5: "SIGKILL"}, deaths=3),
     "sigkill-write-once-batch": Case("6:sigkill:write:once", batch=4, deaths=1, retried=(6,)),
+    # SIGKILL half-way through an atomic write: the temp file is left, then removed at the end
+    "sigkill-inwrite-once-batch": Case("6:sigkill:inwrite:once", batch=4, deaths=1, retried=(6,)),
     # segfaults: ctypes.string_at(0) and faulthandler._sigsegv()
     "segv-process-once": Case("3:segv:process:once", deaths=1, retried=(3,)),
     "segv_fh-process-always": Case("3:segv_fh", exit=3, failed={3: "SIGSEGV"},
@@ -125,6 +127,9 @@ def test_crash_case(tmp_path, name):
         if i in failed or int(i.split("-")[1]) in case.retried:
             continue
         assert r["attempts"] <= 2, f"bystander {i} charged {r['attempts']} attempts"
+
+    # nothing half-written is left: a write cut short leaves no temp file behind
+    assert not list((run_dir / "faulty").rglob(".*.tmp"))
 
     # the run went on past the fault: items after it were done
     assert rows[item_id(COUNT - 1)]["status"] == "done"
