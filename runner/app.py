@@ -300,10 +300,16 @@ class _Worst:
     code = EXIT_OK
 
 
+def note_exit_code(code: int) -> None:
+    """Count a job's exit code towards this process's own: main() exits with the worst one
+    (the sweep launcher calls it for the jobs it ran in other processes)."""
+    _Worst.code = max(_Worst.code, code)
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> int:
     code = run(cfg)
-    _Worst.code = max(_Worst.code, code)
+    note_exit_code(code)
     return code
 
 

@@ -159,9 +159,11 @@ def _note_exit_codes(task_function: Any, codes: list[Optional[int]]) -> None:
     interrupted); its jobs ran in other processes here, so tell it their codes."""
     if getattr(task_function, "__module__", None) != "runner.app":
         return
-    worst = getattr(sys.modules.get("runner.app"), "_Worst", None)
-    if worst is not None:
-        worst.code = max([worst.code, *(c for c in codes if isinstance(c, int))])
+    note = getattr(sys.modules.get("runner.app"), "note_exit_code", None)
+    if note is not None:
+        for code in codes:
+            if isinstance(code, int):
+                note(code)
 
 
 def _compose(ctx, config: DictConfig, overrides: list[str], num: int,
