@@ -71,6 +71,14 @@ def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
         print(f"runner: error: {exc}", file=sys.stderr)
         _to_log_files(logging.ERROR, f"could not start: {exc}")
         return EXIT_START
+    except _InterruptedAtStart as exc:
+        print(f"runner: {exc}", file=sys.stderr)
+        _to_log_files(logging.WARNING, str(exc))
+        return EXIT_INTERRUPTED
+
+
+class _InterruptedAtStart(Exception):
+    """Ctrl-C while the items are being discovered: nothing has run yet."""
 
 
 def _to_log_files(level: int, msg: str) -> None:
@@ -189,7 +197,12 @@ def _worker_slots(slots, task):
 def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, resume_info,
                   chains, warnings, batch_size, early):
     bad: list[BadItem] = []
-    journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
+    try:
+        journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
+    except KeyboardInterrupt:
+        raise _InterruptedAtStart(
+            f"interrupted while discovering items ({journal.counts()['pending']} found so "
+            f"far); no item has run: start the command again") from None
     if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
         for b in bad:
             atomic_write_json(rundir.error_file(b.id), {

@@ -162,9 +162,11 @@ class LocalExecutor:
                 self._start(slot, 0)
 
     def close(self) -> None:
-        """Stop any worker still running (workers started and never run); idempotent."""
+        """Stop any worker still running: workers started early whose run never came (an
+        empty input, an error or Ctrl-C during discovery). They were given no item, so
+        they are not waited for long. Idempotent."""
         if self.workers:
-            self._stop_all(self.stop_timeout_s)
+            self._stop_all(min(0.5, self.stop_timeout_s))
             self.workers.clear()
 
     # ---- the loop ----------------------------------------------------------------------

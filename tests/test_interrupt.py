@@ -156,3 +156,29 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_discovery_is_one_line_and_stops_the_early_workers(tmp_path):
+    """A new run's workers are spawned before discovery; Ctrl-C while it runs ends the run
+    with one line and exit 130, and takes those workers down with it."""
+    args = [sys.executable, "-m", "runner", "task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask",
+            "task.count=4", "+task.use_torch=false", "+task.discover_s=30", "devices=cpu2",
+            f"outputs={tmp_path}", "progress=off"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    def logs():  # the worker logs that have their identity line (no plan.yaml yet)
+        return [p for p in (tmp_path / "sleep").glob("*/logs/worker-*.log")
+                if p.read_text().startswith("PID=")]
+
+    _wait_for(proc, lambda: len(logs()) == 2, timeout=40)  # both workers are up
+    pids = [int(p.read_text().split()[0].split("=")[1]) for p in logs()]
+    os.killpg(proc.pid, signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "runner: interrupted while discovering items" in err
+    assert len([line for line in err.splitlines() if line.startswith("runner:")]) == 1, err
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone (reaped by the controller, which waited for it)
