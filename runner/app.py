@@ -71,14 +71,15 @@ def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
         print(f"runner: error: {exc}", file=sys.stderr)
         _to_log_files(logging.ERROR, f"could not start: {exc}")
         return EXIT_START
-    except _InterruptedAtStart as exc:
+    except _InterruptedOutsideRun as exc:
         print(f"runner: {exc}", file=sys.stderr)
         _to_log_files(logging.WARNING, str(exc))
         return EXIT_INTERRUPTED
 
 
-class _InterruptedAtStart(Exception):
-    """Ctrl-C while the items are being discovered: nothing has run yet."""
+class _InterruptedOutsideRun(Exception):
+    """Ctrl-C before the executor takes over SIGINT (discovery) or after it gives it back
+    (finalize, report): its message is the one line to print."""
 
 
 def _to_log_files(level: int, msg: str) -> None:
@@ -200,7 +201,7 @@ def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, 
     try:
         journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
     except KeyboardInterrupt:
-        raise _InterruptedAtStart(
+        raise _InterruptedOutsideRun(
             f"interrupted while discovering items ({journal.counts()['pending']} found so "
             f"far); no item has run: start the command again") from None
     if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
@@ -271,6 +272,22 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
             log.info("removed %d temp file(s) of writes cut short (%s ...)", len(stale),
                      rundir.relative(stale[0]))
     wall = time.time() - t0
+    resume_cmd = " ".join(["python -m runner", *[shlex.quote(a) for a in
+                                                 HydraConfig.get().overrides.task
+                                                 if not a.startswith("resume")],
+                           f"resume={shlex.quote(str(rundir.root))}"])
+    try:
+        return _finish(task, rundir, journal, ex, sup, slots, wall, t0, resume_cmd)
+    except KeyboardInterrupt:
+        again = (f"finish it with: {resume_cmd}" if journal.path else
+                 "checkpoint=off: nothing to resume")
+        raise _InterruptedOutsideRun(
+            f"interrupted while finishing the run (finalize, summary, timeline); the journal "
+            f"holds every item's state; {again}") from None
+
+
+def _finish(task, rundir, journal, ex, sup, slots, wall, t0, resume_cmd) -> int:
+    """Run-level outputs, summary, timeline and the last words; the exit code."""
     extra = task.finalize(FinalizeContext(rundir.root, journal.done_view()))
     counts = journal.counts()
     interrupted = ex.interrupts.count > 0
@@ -291,10 +308,6 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
     except Exception as exc:  # a plot must never cost the run its exit code
         log.warning("timeline.png not written: %s", exc)
     print(report.print_table(summary))
-    resume_cmd = " ".join(["python -m runner", *[shlex.quote(a) for a in
-                                                 HydraConfig.get().overrides.task
-                                                 if not a.startswith("resume")],
-                           f"resume={shlex.quote(str(rundir.root))}"])
     if interrupted:
         print(f"runner: interrupted; {left} item(s) not done. Resume with: {resume_cmd}",
               file=sys.stderr)

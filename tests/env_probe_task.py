@@ -15,6 +15,7 @@ What it records for every item (``probe/<id>.json``):
 ``use_torch=false`` skips torch altogether (a fast probe of the environment only).
 ``app_at_load``: was the Hydra app (runner.app) imported in the worker (it must not be:
 spawn re-runs the parent's main script, and the console script must not drag the app in).
+``finalize_s`` makes the controller's finalize take that long.
 ``discover_s`` makes discovery (in the controller) take that long; ``loaded_at`` and
 ``processed_at`` (time.time() in the worker) then show whether the worker had booted and
 loaded its model before discovery was over.
@@ -38,17 +39,24 @@ ENV_AT_IMPORT = {k: os.environ.get(k) for k in
 class EnvProbeTask(Task):
     name = "probe"
     output_dir = "probe"
+    resume_safe_keys = ("discover_s", "finalize_s")  # timings only: outputs do not change
 
-    def __init__(self, count: int = 8, use_torch: bool = True, discover_s: float = 0.0, **_: Any):
+    def __init__(self, count: int = 8, use_torch: bool = True, discover_s: float = 0.0,
+                 finalize_s: float = 0.0, **_: Any):
         self.count = count
         self.use_torch = use_torch
         self.discover_s = discover_s
+        self.finalize_s = finalize_s
         self.default_batch_size = 1
 
     def discover(self) -> Iterator[Item]:
         time.sleep(self.discover_s)
         for i in range(self.count):
             yield Item(f"item-{i:03d}", 1.0, str(i))
+
+    def finalize(self, ctx: Any) -> dict[str, Any]:
+        time.sleep(self.finalize_s)
+        return {}
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         return [ModelRung("probe", "probe", True, "test model")]

@@ -182,3 +182,37 @@ def test_ctrl_c_during_discovery_is_one_line_and_stops_the_early_workers(tmp_pat
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone (reaped by the controller, which waited for it)
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_while_finishing_is_one_line_and_the_resume_finishes(tmp_path):
+    """Ctrl-C after the last item, while the controller finalizes (SIGINT is the default
+    handler again): one line naming the command that finishes the run, exit 130; that
+    command writes the summary without running any item again."""
+    args = [sys.executable, "-m", "runner", "task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask",
+            "task.count=4", "+task.use_torch=false", "+task.finalize_s=30", "devices=cpu2",
+            f"outputs={tmp_path}", "progress=off"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+    def all_done():
+        dirs = run_dirs(tmp_path)
+        return bool(dirs) and (dirs[0] / "journal.sqlite").exists() and sum(
+            r["status"] == "done" for r in journal_rows(dirs[0]).values()) == 4
+    _wait_for(proc, all_done, timeout=60)
+    time.sleep(0.5)  # past the journal's commit: inside finalize's 30 s
+    os.killpg(proc.pid, signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("runner:")]
+    assert "interrupted while finishing the run" in line
+    run_dir = only_run_dir(tmp_path)
+    assert not (run_dir / "summary.json").exists()
+    cmd = shlex.split(line.split("finish it with: ", 1)[1])
+    assert cmd[:3] == ["python", "-m", "runner"] and f"resume={run_dir}" in cmd
+    res = subprocess.run([sys.executable, *cmd[1:], "task.finalize_s=0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"]["done"] == 4 and summary["items_done"] == 0  # nothing ran again
