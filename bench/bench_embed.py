@@ -99,8 +99,9 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
 
     encode() sorts all inputs by length (characters) and batches neighbours; the runner
     reads the queue in pages (runner.scheduler.page_size: 128 batches) in input order and cuts
-    each page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost); batches in plain input order are shown for comparison; the pool hands
-    out chunks of ceil(N/processes/10) in input order, each sorted inside.
+    each page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost); batches
+    in plain input order are shown for comparison; the pool hands out chunks of
+    ceil(N/processes/10) in input order, each sorted inside.
     """
     tok = model.tokenizer
     max_len = model.max_seq_length

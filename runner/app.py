@@ -149,18 +149,18 @@ def _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backe
             raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
                               f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
     batch_size = cfg.batch_size or getattr(task, "default_batch_size", 1)
+    make_spec = _spec_maker(cfg, rundir, task_cfg, chains, batch_size)
     early = None
     if not cfg.dry_run and not resume_info and cfg.executor.kind == "local":
         # A new run always has work (bar an empty input): its workers boot -- interpreter,
         # task import, model load -- while discovery and planning run here, and are ready
         # together when the first batch goes out. A resume may have nothing left to do, so
         # it starts no worker before it knows.
-        early = _new_executor(cfg, rundir, None, _spec_maker(cfg, rundir, task_cfg, chains,
-                                                              batch_size))
+        early = _new_executor(cfg, rundir, None, make_spec)
         early.start(_worker_slots(slots, task))
     try:
         return _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots,
-                             resume_info, chains, warnings, batch_size, early)
+                             resume_info, chains, warnings, batch_size, make_spec, early)
     finally:
         if early is not None:
             early.close()  # stops the workers if the run never reached them (no-op after)
@@ -196,7 +196,7 @@ def _worker_slots(slots, task):
 
 
 def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, resume_info,
-                  chains, warnings, batch_size, early):
+                  chains, warnings, batch_size, make_spec, early):
     bad: list[BadItem] = []
     try:
         journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
@@ -242,12 +242,10 @@ def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, 
         {"cpu_cores": inventory.cpu_cores, "cuda": inventory.cuda, "xpu": inventory.xpu,
          "nodes": inventory.nodes, "notes": inventory.notes}, argv))
     log.info("run dir %s: %d item(s) to do on %d slot(s)", rundir.root, count, len(slots))
-    return _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size,
-                      scheduler, load, count, early)
+    return _supervise(cfg, rundir, task, journal, slots, scheduler, load, count, make_spec, early)
 
 
-def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_size, scheduler,
-               load, count, early) -> int:
+def _supervise(cfg, rundir, task, journal, slots, scheduler, load, count, make_spec, early) -> int:
     progress = make_progress(cfg.progress)
     progress.start({s.index: s.label for s in slots}, count, {i: n for i, (n, _) in load.items()})
     sup = Supervisor(journal, scheduler, rundir, slots, cfg.checkpoint.max_attempts, progress)
@@ -257,7 +255,7 @@ def _supervise(cfg, argv, rundir, task, task_cfg, journal, slots, chains, batch_
         ex, t0 = early, early.spawned_at
         ex.sup = sup
     else:
-        ex = _new_executor(cfg, rundir, sup, _spec_maker(cfg, rundir, task_cfg, chains, batch_size))
+        ex = _new_executor(cfg, rundir, sup, make_spec)
     try:
         # A resume with nothing left to do starts no worker (and loads no model); a new run
         # with an empty input stops the workers it started early (_execute).

@@ -62,8 +62,9 @@ class EnvProbeTask(Task):
         return [ModelRung("probe", "probe", True, "test model")]
 
     def load_model(self, rung: ModelRung, device: str) -> Any:
-        seen = {"pid": os.getpid(), "device": device, "loaded_at": time.time(), "torch_at_import": TORCH_AT_IMPORT,
-                "torch_at_load": "torch" in sys.modules, "app_at_load": "runner.app" in sys.modules, "env_at_import": ENV_AT_IMPORT,
+        seen = {"pid": os.getpid(), "device": device, "loaded_at": time.time(),
+                "torch_at_import": TORCH_AT_IMPORT, "torch_at_load": "torch" in sys.modules,
+                "app_at_load": "runner.app" in sys.modules, "env_at_import": ENV_AT_IMPORT,
                 **{k: os.environ.get(k) for k in ENV_AT_IMPORT}}
         if self.use_torch:
             import torch

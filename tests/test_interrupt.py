@@ -158,15 +158,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _probe_args(tmp_path, *extra):
+    """The probe task (tests/env_probe_task.py) on two CPU slots, with ``extra`` overrides."""
+    return ["task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask", "task.count=4",
+            "+task.use_torch=false", "devices=cpu2", f"outputs={tmp_path}", "progress=off", *extra]
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_during_discovery_is_one_line_and_stops_the_early_workers(tmp_path):
     """A new run's workers are spawned before discovery; Ctrl-C while it runs ends the run
     with one line and exit 130, and takes those workers down with it."""
-    args = [sys.executable, "-m", "runner", "task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask",
-            "task.count=4", "+task.use_torch=false", "+task.discover_s=30", "devices=cpu2",
-            f"outputs={tmp_path}", "progress=off"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = _start(_probe_args(tmp_path, "+task.discover_s=30"))
+
     def logs():  # the worker logs that have their identity line (no plan.yaml yet)
         return [p for p in (tmp_path / "sleep").glob("*/logs/worker-*.log")
                 if p.read_text().startswith("PID=")]
@@ -189,11 +192,7 @@ def test_ctrl_c_while_finishing_is_one_line_and_the_resume_finishes(tmp_path):
     """Ctrl-C after the last item, while the controller finalizes (SIGINT is the default
     handler again): one line naming the command that finishes the run, exit 130; that
     command writes the summary without running any item again."""
-    args = [sys.executable, "-m", "runner", "task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask",
-            "task.count=4", "+task.use_torch=false", "+task.finalize_s=30", "devices=cpu2",
-            f"outputs={tmp_path}", "progress=off"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = _start(_probe_args(tmp_path, "+task.finalize_s=30"))
 
     def all_done():
         dirs = run_dirs(tmp_path)
