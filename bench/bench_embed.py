@@ -26,6 +26,10 @@ always exits 0; --json PATH writes every figure for bench/RESULTS.md.
 --diagnose adds: the runner on the same texts pre-sorted longest first (what its batches
 cost when they are as uniform in length as encode's own length-sorted batches), and the
 sentence-transformers pool with OMP_NUM_THREADS=1 in its children.
+
+--chars-too adds to (a) a third contender, alternating with the other two: the runner with
+``task.cost=chars`` (batches cut by characters, as encode() sorts), which shows what the
+default ``task.cost=tokens`` (batches cut by the model's own token counts) is worth.
 """
 from __future__ import annotations
 
@@ -99,9 +103,10 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
 
     encode() sorts all inputs by length (characters) and batches neighbours; the runner
     reads the queue in pages (runner.scheduler.page_size: 128 batches) in input order and cuts
-    each page, sorted longest first, into batches (EmbedTask.sort_batches_by_cost); batches
-    in plain input order are shown for comparison; the pool hands out chunks of
-    ceil(N/processes/10) in input order, each sorted inside.
+    each page, sorted by item cost (EmbedTask: tokens by default, task.cost=chars: characters)
+    longest first, into batches (EmbedTask.sort_batches_by_cost); batches in plain input order
+    are shown for comparison; the pool hands out chunks of ceil(N/processes/10) in input
+    order, each sorted inside.
     """
     tok = model.tokenizer
     max_len = model.max_seq_length
@@ -123,18 +128,24 @@ def _padding(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     from runner.scheduler import page_size
 
     page = page_size(batch_size, sort_pages=True)
-    runner_order: list[int] = []
-    for s in range(0, len(texts), page):  # batches then run across the page boundaries
-        runner_order += sorted(idx[s:s + page], key=lambda j: -chars[j])
+
+    def runner_order(cost: list[int]) -> list[int]:
+        order: list[int] = []
+        for s in range(0, len(texts), page):  # batches then run across the page boundaries
+            order += sorted(idx[s:s + page], key=lambda j: -cost[j])
+        return order
+
     real = sum(lengths)
     out = {"real_tokens": real,
            "encode_sorted_all": padded(by_chars),
-           "runner_pages_sorted": padded(runner_order),
+           "runner_pages_sorted": padded(runner_order(lengths)),
+           "runner_pages_sorted_chars": padded(runner_order(chars)),
            "runner_page": page,
            "input_order": padded(idx),
            "pool_chunks_sorted": pool_padded,
            "pool_chunk_size": chunk}
-    keys = ("encode_sorted_all", "runner_pages_sorted", "input_order", "pool_chunks_sorted")
+    keys = ("encode_sorted_all", "runner_pages_sorted", "runner_pages_sorted_chars", "input_order",
+            "pool_chunks_sorted")
     for k in keys:
         out[k + "_x_real"] = round(out[k] / real, 3)
     return out
@@ -183,6 +194,7 @@ def _run_child(kind: str, args: list[str], log: Path, env: dict | None = None) -
 # ---- the runner through its CLI -------------------------------------------------------------
 def _runner(name: str, corpus: Path, devices: list[str], batch_size: int, tmp: Path,
             n: int) -> dict[str, Any]:
+    """``devices`` holds the contender's overrides (devices, and task.cost for --chars-too)."""
     run = run_cli(["task=embed", f"task.input={corpus}", *devices, f"batch_size={batch_size}"],
                   tmp / f"out-{name}", tmp / f"{name}.log")
     if run.returncode != 0 or run.run_dir is None:
@@ -214,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each contender N times, alternating; best of N on each side")
     ap.add_argument("--diagnose", action="store_true",
                     help="also: runner on length-sorted input, ST pool with 1 thread per child")
+    ap.add_argument("--chars-too", action="store_true",
+                    help="(a): also the runner with task.cost=chars, alternating with the others")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--keep", type=Path, default=None, help="keep corpus and run dirs here")
     ap.add_argument("--child", choices=("bare", "pool"), help=argparse.SUPPRESS)
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[Any]] = []
     try:
         if "a" in parts:
-            bares, ras = [], []
+            bares, ras, chs = [], [], []
             for r in range(a.repeats):  # alternate, so drifting load hits both sides alike
                 print(f"(a) bare encode, 1 process [{r + 1}/{a.repeats}] ...", flush=True)
                 bares.append(_run_child("bare", ["--input", str(corpus), "--batch-size", str(B),
@@ -251,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                                         tmp / f"bare-{r}.log"))
                 print(f"(a) runner devices=cpu [{r + 1}/{a.repeats}] ...", flush=True)
                 ras.append(_runner(f"a-{r}", corpus, ["devices=cpu"], B, tmp, n))
+                if a.chars_too:
+                    print(f"(a) runner devices=cpu task.cost=chars [{r + 1}/{a.repeats}] ...",
+                          flush=True)
+                    chs.append(_runner(f"a-chars-{r}", corpus, ["devices=cpu", "task.cost=chars"],
+                                       B, tmp, n))
             bare = min(bares, key=lambda b: b["encode_s"])  # best of N on each side
             ra = min(ras, key=lambda x: x["breakdown"]["items_span_s"])
             bare["padding"] = bares[0].get("padding")
@@ -272,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
                      ["runner devices=cpu", ra["breakdown"]["items_span_s"], ra_rate,
                       res["a"]["runner_end_to_end_s"], n / res["a"]["runner_end_to_end_s"],
                       f"{res['a']['ratio_steady']:.3f} (>= {TARGET_A})"]]
+            if chs:
+                ch = min(chs, key=lambda x: x["breakdown"]["items_span_s"])
+                ch_rate = n / ch["breakdown"]["items_span_s"]
+                res["runner_a_chars"] = ch
+                res["a"].update({"runner_chars_items_per_s": ch_rate,
+                                 "ratio_steady_chars": ch_rate / bare_rate,
+                                 "runner_chars_items_per_s_each": [
+                                     n / x["breakdown"]["items_span_s"] for x in chs]})
+                rows.append(["runner devices=cpu task.cost=chars", ch["breakdown"]["items_span_s"],
+                             ch_rate, ch["wall_s"], n / ch["wall_s"],
+                             f"{res['a']['ratio_steady_chars']:.3f} (chars)"])
         if "b" in parts:
             pools, rbs = [], []
             for r in range(a.repeats):
@@ -350,7 +380,9 @@ def _print_notes(res: dict[str, Any]) -> None:
         if part in res and res[part].get("repeats", 1) > 1:
             each = lambda k: ", ".join(f"{v:.1f}" for v in res[part][k])  # noqa: E731
             print(f"({part}) items/s per repeat: {base} {each(base + '_items_per_s_each')}; "
-                  f"runner {each('runner_items_per_s_each')}")
+                  f"runner {each('runner_items_per_s_each')}"
+                  + (f"; runner task.cost=chars {each('runner_chars_items_per_s_each')}"
+                     if "runner_chars_items_per_s_each" in res[part] else ""))
     for key in ("runner_a", "runner_b"):
         if key in res:
             bd = res[key]["breakdown"]
@@ -363,7 +395,8 @@ def _print_notes(res: dict[str, Any]) -> None:
     if "bare" in res and "padding" in res["bare"]:
         p = res["bare"]["padding"]
         print(f"padded tokens per scheme (x real tokens): encode sorted {p['encode_sorted_all_x_real']}, "
-              f"runner pages of {p['runner_page']} sorted {p['runner_pages_sorted_x_real']}, "
+              f"runner pages of {p['runner_page']} sorted by tokens {p['runner_pages_sorted_x_real']} "
+              f"(by chars {p['runner_pages_sorted_chars_x_real']}), "
               f"plain input order {p['input_order_x_real']}, ST pool chunks "
               f"{p['pool_chunks_sorted_x_real']}; Parquet write "
               f"{res['bare']['parquet_write_ms_per_batch']:.1f} ms/batch")

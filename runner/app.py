@@ -90,6 +90,18 @@ def _to_log_files(level: int, msg: str) -> None:
             handler.handle(record)
 
 
+def _instantiate_task(task_cfg: DictConfig) -> Any:
+    """The task object; a ConfigError its constructor raises stays the one line it is."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(task_cfg, _convert_="all")
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
+
+
 def _run(cfg: DictConfig, argv: list[str]) -> int:
     config_mod.validate(cfg)
     if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
@@ -98,7 +110,7 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
     rundir = RunDir(Path(HydraConfig.get().runtime.output_dir)).make()
     provenance.write_run_files(rundir.root, cfg)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
-    task = hydra.utils.instantiate(cfg.task, _convert_="all")
+    task = _instantiate_task(cfg.task)
     if cfg.dry_run:
         inventory = None
     elif cfg.executor.kind == "ray" and cfg.executor.address:

@@ -174,6 +174,8 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     ("chunking.strategy=striped", "chunking.strategy", "'striped'", "round_robin"),
     ("batch_size=0", "batch_size", "0", "integer >= 1"),
     ("devices.backend=tpu", "devices.backend", "'tpu'", "auto, cpu, cuda, xpu"),
+    # raised by the task's constructor, through Hydra's instantiate: still one line
+    ("task.cost=bytes", "task.cost", "'bytes'", "tokens, chars"),
 ])
 def test_cli_bad_value_is_exit_1_and_one_line(tmp_path, override, key, value, allowed):
     r = cli("task=embed", "devices=cpu2", override, f"outputs={tmp_path}", "progress=off")

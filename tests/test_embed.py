@@ -71,7 +71,8 @@ def make_corpus(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     good.update({f"d.parquet:p{k}": t for k, t in enumerate(texts)})
     # a sub-folder: ids carry the relative path
     (root / "sub").mkdir()
-    sub = [sentence(400 + k) for k in range(3)]
+    # (the last one is longer than the model's max_seq_length of 256 tokens)
+    sub = [sentence(400 + k) for k in range(2)] + [" ".join(sentence(500 + k) for k in range(30))]
     (root / "sub" / "e.txt").write_text("\n".join(sub) + "\n", encoding="utf-8")
     good.update({f"sub/e.txt:{n}": t for n, t in enumerate(sub, start=1)})
     bad = {"a.txt:4": "empty text", "a.txt:7": "undecodable line"}
@@ -86,7 +87,7 @@ def test_discovery_reads_every_format_as_a_single_file(tmp_path):
     good, bad = make_corpus(tmp_path / "corpus")
     for name, prefix in (("a.txt", "a.txt:"), ("b.jsonl", "b.jsonl:"), ("c.csv", "c.csv:"),
                          ("d.parquet", "d.parquet:")):
-        task = EmbedTask(input=str(tmp_path / "corpus" / name), id_field="id")
+        task = EmbedTask(input=str(tmp_path / "corpus" / name), id_field="id", cost="chars")
         task.check(frozenset({"cpu"}))
         found = list(task.discover())
         items = {o.id: o.payload for o in found if not isinstance(o, BadItem)}
@@ -119,6 +120,7 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
     db = sqlite3.connect(run / "journal.sqlite")
     rows = {i: (s, d, m, e, b) for i, s, d, m, e, b in
             db.execute("SELECT id, status, device, model, error, batch_size FROM items")}
+    costs = dict(db.execute("SELECT id, cost FROM items"))
     db.close()
     assert set(rows) == set(good) | set(bad)
     for i, words in bad.items():
@@ -154,6 +156,12 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
     want = model.encode([good[i] for i in ids], convert_to_numpy=True)
     assert got.shape == want.shape == (len(good), 384)
     assert float(np.abs(got - want).max()) <= 1e-5
+
+    # each item's cost is its token count as the model sees it (task.cost=tokens, the default):
+    # special tokens in, capped at max_seq_length -- what batches of similar length are cut by
+    seen = {i: int(model.tokenize([good[i]])["attention_mask"].sum()) for i in good}
+    assert {i: int(costs[i]) for i in good} == seen
+    assert max(seen.values()) == model.max_seq_length == 256  # the long text was capped
 
     # manifest
     manifest = json.loads((run / "embeddings" / "manifest.json").read_text())

