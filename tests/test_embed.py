@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import sqlite3
 import subprocess
@@ -97,6 +98,31 @@ def test_discovery_reads_every_format_as_a_single_file(tmp_path):
         for o in found:
             if not isinstance(o, BadItem):
                 assert o.cost == float(len(o.payload))
+
+
+def test_item_cost_falls_back_to_characters_without_a_usable_tokenizer(tmp_path, caplog):
+    """task.cost=tokens needs the model's tokenizer.json here; a model folder without one, or
+    with a broken one, gives character costs (with a warning for the broken one), never an
+    error: the cost is an estimate."""
+    from runner.tasks.embed import EmbedTask
+
+    corpus = tmp_path / "c.txt"
+    texts = [sentence(k) for k in range(5)]
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    bare, broken = tmp_path / "bare-model", tmp_path / "broken-model"
+    bare.mkdir()
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    log = logging.getLogger("runner")
+    log.addHandler(caplog.handler)  # whatever an earlier test did to propagation
+    try:
+        for folder, warned in ((bare, False), (broken, True)):
+            caplog.clear()
+            found = list(EmbedTask(input=str(corpus), models=[str(folder)]).discover())
+            assert [o.cost for o in found] == [float(len(t)) for t in texts]
+            assert ("cannot count tokens" in caplog.text) is warned, caplog.text
+    finally:
+        log.removeHandler(caplog.handler)
 
 
 @pytest.mark.timeout(300)
