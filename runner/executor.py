@@ -118,6 +118,9 @@ class LocalExecutor:
         self.prefetch = prefetch
         self.ctx = mp.get_context("spawn")
         self.workers: dict[int, _Worker] = {}
+        # slots whose worker died while there was no work for it: restarted (within
+        # max_restarts) as soon as there is, e.g. when another slot's death requeues items
+        self.dormant: dict[int, tuple[Slot, int]] = {}
         self.restarts: dict[int, int] = {}
         self.interrupts = Interrupts()
         self.spawned_at = 0.0  # time.time() of the first spawn (start or run)
@@ -198,8 +201,11 @@ class LocalExecutor:
                              or time.monotonic() - self.interrupts.first_at > self.grace_s):
                 return
             if not stopping:
+                self._wake_dormant()
                 self._dispatch()
             if not self.workers:
+                if not self.sup.in_flight() and not self.sup.scheduler.has_work():
+                    return  # the last workers died idle after the last item: the run is done
                 self.sup.note("every worker slot is lost")
                 return
             if not stopping and not self.sup.in_flight() and not self.sup.scheduler.has_work():
@@ -303,12 +309,26 @@ class LocalExecutor:
         self.sup.worker_gone(w.slot, w.pid, why, restartable=restartable, quiet=expected,
                              exit_code=code)
         if restartable and self.interrupts.count == 0 and self.sup.scheduler.has_work_for(w.slot.index):
-            self.restarts[w.slot.index] += 1
-            self.sup.note(f"restarting {w.slot.label} (restart {self.restarts[w.slot.index]}"
-                          f"/{self.max_restarts})")
-            self._start(w.slot, w.incarnation + 1)
-        elif not restartable:
+            self._restart(w.slot, w.incarnation + 1)
+        elif restartable:  # nothing for it to do now; maybe later
+            self.dormant[w.slot.index] = (w.slot, w.incarnation + 1)
+        else:
             self.sup.scheduler.slot_lost(w.slot.index)
+
+    def _restart(self, slot: Slot, incarnation: int) -> None:
+        self.restarts[slot.index] += 1
+        self.sup.note(f"restarting {slot.label} (restart {self.restarts[slot.index]}"
+                      f"/{self.max_restarts})")
+        self._start(slot, incarnation)
+
+    def _wake_dormant(self) -> None:
+        """Restart a slot whose worker died idle once there is work it could be given."""
+        if not self.dormant or not self.sup.scheduler.has_work():  # (has_work reads the
+            return  # journal: has_work_for alone takes an unread page for work)
+        for index, (slot, incarnation) in list(self.dormant.items()):
+            if self.sup.scheduler.has_work_for(index):
+                del self.dormant[index]
+                self._restart(slot, incarnation)
 
     def _check_start_timeouts(self) -> None:
         now = time.monotonic()

@@ -19,6 +19,8 @@ Items ``item-000000`` .. sleep ``ms`` each (payload) and write one JSON file per
 * when  — ``always`` (default: a poison item) or ``once`` (only the first attempt: a marker
   file ``<run dir>/fault-markers/<id>.<where>`` created with O_EXCL before the fault).
 
+``slow``: ``;``-separated ``<index>:<ms>``: those items sleep that long instead of ``ms``.
+
 ``load_fault``: ``<kind>:<n>`` — the first ``n`` model loads of the run (counted with
 markers in the run dir, across every slot and restart) do ``kind``; ``<kind>:always`` —
 every load does. Empty: loads are clean.
@@ -100,8 +102,9 @@ class FaultyTask(Task):
     output_dir = "faulty"
 
     def __init__(self, count: int = 20, ms: float = 5.0, faults: str = "", load_fault: str = "",
-                 models: Any = ("m1",), **_: Any):
+                 models: Any = ("m1",), slow: str = "", **_: Any):
         self.count, self.ms = int(count), float(ms)
+        self.slow = {int(i): float(v) for i, v in (e.split(":") for e in str(slow).split(";") if e)}
         self.faults = parse_faults(faults)
         self.load_fault = load_fault or ""
         self.models = list(models)
@@ -110,7 +113,8 @@ class FaultyTask(Task):
     # ---- controller ----------------------------------------------------------------------
     def discover(self) -> Iterator[Item]:
         for i in range(self.count):
-            yield Item(item_id(i), self.ms / 1000.0, f"{self.ms / 1000.0:.6f}")
+            s = self.slow.get(i, self.ms) / 1000.0
+            yield Item(item_id(i), s, f"{s:.6f}")
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         return [ModelRung(m, m, True, "synthetic") for m in self.models]
