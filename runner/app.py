@@ -372,6 +372,7 @@ def main() -> None:
     setup()
     sys.argv = config_mod.rewrite_argv(sys.argv)
     try:
+        config_mod.check_group_options(sys.argv, Path(CONF))
         check_resume(sys.argv)
     except ConfigError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)

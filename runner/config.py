@@ -10,6 +10,7 @@ Users type ``resume=latest`` or ``resume=<run dir>``; :func:`rewrite_argv` turns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -130,6 +131,30 @@ def rewrite_argv(argv: list[str]) -> list[str]:
             arg = "resume.run=" + arg.split("=", 1)[1]
         out.append(arg)
     return out
+
+
+def check_group_options(argv: list[str], conf: Path) -> None:
+    """``group=option`` naming an option that is not in ``conf/<group>/`` is a one-line
+    ConfigError naming the key, the value and the options, before Hydra prints several lines
+    for it. Left to Hydra: values it expands itself (``range(...)``, ``glob(...)``, lists),
+    deletions (``~group``), and command lines that add config directories."""
+    args = argv[1:]
+    if any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp")
+           or "searchpath" in a for a in args):
+        return
+    repo = ConfigStore.instance().repo
+    for arg in args:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+")
+        if (arg.startswith(("-", "~")) or not _ or "/" in group or "." in group
+                or not (conf / group).is_dir() or "(" in value or value.startswith("[")):
+            continue
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        schemas = {name.rsplit(".", 1)[0] for name in repo.get(group, {})}
+        for v in (v.strip() for v in value.split(",")):
+            if v not in options and v not in schemas:
+                raise ConfigError(f"{group}={v!r} is not an option of {group}: choose one of "
+                                  f"{', '.join(options)} (conf/{group}/)")
 
 
 def register() -> None:

@@ -188,9 +188,37 @@ def test_cli_bad_value_is_exit_1_and_one_line(tmp_path, override, key, value, al
 
 
 @pytest.mark.timeout(60)
-def test_cli_unknown_group_option_is_exit_1_naming_the_options(tmp_path):
-    # Hydra itself reports an option that is not in conf/ (several lines, no traceback).
-    r = cli("task=embed", "devices=cuda3", f"outputs={tmp_path}")
+@pytest.mark.parametrize("args,key,value", [
+    (("task=embed", "devices=cuda3"), "devices", "'cuda3'"),
+    (("-m", "task=embed,embedd", "devices=cpu"), "task", "'embedd'"),  # one value of a sweep
+])
+def test_cli_unknown_group_option_is_exit_1_and_one_line(tmp_path, args, key, value):
+    """An option that is not in conf/<group>/: one line naming the key, the value and every
+    option of the group (Hydra's own report spans several lines), before any run dir."""
+    r = cli(*args, f"outputs={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert r.returncode == 1
-    assert "devices/cuda3" in r.stderr and "cuda4" in r.stderr and "arc2" in r.stderr
-    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("runner: error: "), r.stderr
+    assert f"{key}={value}" in lines[0]
+    options = sorted(p.stem for p in (ROOT / "conf" / key).glob("*.yaml"))
+    assert len(options) >= 3 and f"choose one of {', '.join(options)}" in lines[0]
+    assert not any(tmp_path.iterdir()), "nothing may run"
+
+
+@pytest.mark.parametrize("argv", [
+    ["runner", "task=embed", "devices=cpu2,cuda4", "chunking=size_balanced", "checkpoint=off"],
+    ["runner", "-m", "task=glob(*)", "devices=range(1,3)"],  # Hydra expands these itself
+    ["runner", "--config-dir", "/somewhere/else", "devices=mine"],  # more options may exist there
+    ["runner", "hydra/launcher=runner_devices", "task.models=[a,b]", "~checkpoint"],
+    ["runner", "task=embed_schema"],  # a schema in the ConfigStore is an option too
+])
+def test_group_option_check_leaves_valid_and_hydra_expanded_values_alone(argv):
+    config.register()  # as main() does first: the ConfigStore's schemas
+    config.check_group_options(argv, Path(CONF))  # does not raise
+
+
+def test_group_option_check_names_key_value_and_options():
+    with pytest.raises(ConfigError, match=r"^chunking='striped' is not an option of chunking: "
+                                          r"choose one of contiguous, dynamic, round_robin, "
+                                          r"size_balanced \(conf/chunking/\)$"):
+        config.check_group_options(["runner", "chunking=dynamic,striped"], Path(CONF))
