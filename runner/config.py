@@ -152,7 +152,9 @@ def check_group_options(argv: list[str], conf: Path) -> None:
         options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
         schemas = {name.rsplit(".", 1)[0] for name in repo.get(group, {})}
         for v in (v.strip() for v in value.split(",")):
-            if v not in options and v not in schemas:
+            if len(v) > 1 and v[0] == v[-1] and v[0] in "'\"":
+                v = v[1:-1]  # Hydra's quoted string: devices='cpu2'
+            if v not in options and v not in schemas and v != "null":
                 raise ConfigError(f"{group}={v!r} is not an option of {group}: choose one of "
                                   f"{', '.join(options)} (conf/{group}/)")
 

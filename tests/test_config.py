@@ -211,6 +211,7 @@ def test_cli_unknown_group_option_is_exit_1_and_one_line(tmp_path, args, key, va
     ["runner", "--config-dir", "/somewhere/else", "devices=mine"],  # more options may exist there
     ["runner", "hydra/launcher=runner_devices", "task.models=[a,b]", "~checkpoint"],
     ["runner", "task=embed_schema"],  # a schema in the ConfigStore is an option too
+    ["runner", "devices='cpu2'", 'chunking="dynamic"'],  # Hydra's quoted strings
 ])
 def test_group_option_check_leaves_valid_and_hydra_expanded_values_alone(argv):
     config.register()  # as main() does first: the ConfigStore's schemas
