@@ -144,9 +144,9 @@ def check_group_options(argv: list[str], conf: Path) -> None:
         return
     repo = ConfigStore.instance().repo
     for arg in args:
-        key, _, value = arg.partition("=")
+        key, eq, value = arg.partition("=")
         group = key.lstrip("+")
-        if (arg.startswith(("-", "~")) or not _ or "/" in group or "." in group
+        if (arg.startswith(("-", "~")) or not eq or "/" in group or "." in group
                 or not (conf / group).is_dir() or "(" in value or value.startswith("[")):
             continue
         options = sorted(p.stem for p in (conf / group).glob("*.yaml"))

@@ -203,12 +203,10 @@ class LocalExecutor:
             if not stopping:
                 self._wake_dormant()
                 self._dispatch()
-            if not self.workers:
-                if not self.sup.in_flight() and not self.sup.scheduler.has_work():
-                    return  # the last workers died idle after the last item: the run is done
-                self.sup.note("every worker slot is lost")
-                return
             if not stopping and not self.sup.in_flight() and not self.sup.scheduler.has_work():
+                return  # done (even if the last workers died idle after the last item)
+            if not self.workers:
+                self.sup.note("every worker slot is lost")
                 return
             self._wait_once(0.2)
             self._check_start_timeouts()

@@ -204,6 +204,34 @@ def run_cli(args: Sequence[str], timeout: float = 120) -> "subprocess.CompletedP
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def start_run(args: Sequence[str]) -> "subprocess.Popen[str]":
+    """``python -m runner`` in the background, in a session of its own: killpg reaches the
+    controller and its workers, like a TTY's ^C."""
+    import subprocess
+
+    return subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_until(proc: Any, cond: Any, timeout: float = 60.0) -> Any:
+    """Poll ``cond()`` until it gives something truthy (returned) while the run goes on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {getattr(cond, '__name__', cond)}")
+
+
+def stop_leftover(proc: Any) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_dirs(outputs: Path, task: str = "sleep") -> list[Path]:
     return sorted(p.parent for p in (Path(outputs) / task).glob("*/plan.yaml"))
 

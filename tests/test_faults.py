@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.faulty_task import (REPO, check_consistent, cli_args, identities, item_id, only_run_dir,
-                               run_cli)
+from tests.faulty_task import (check_consistent, cli_args, identities, item_id, only_run_dir, run_cli,
+                               run_dirs, start_run, stop_leftover, wait_until)
 
 COUNT = 12
 
@@ -196,56 +196,36 @@ def test_a_slot_whose_worker_died_idle_comes_back_when_work_does(tmp_path):
     before it stopped with 'every worker slot was lost' and item 0 pending."""
     import os
     import signal
-    import subprocess
     import time
-
-    from tests.faulty_task import cli
 
     args = cli_args(tmp_path, "executor.max_restarts=1", "checkpoint.max_attempts=5",
                     "chunking.prefetch=1", "+task.slow='0:5000'", devices="cpu2", count=2)
-    proc = subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_for(what, timeout=30.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            got = what()
-            if got:
-                return got
-            time.sleep(0.05)
-        proc.kill()
-        raise AssertionError(f"timed out waiting: {what.__doc__}; stderr: {proc.communicate()[1][-3000:]}")
+    proc = start_run(args)
 
     def run_dir():
-        """the run dir"""
-        dirs = sorted((tmp_path / "sleep").glob("*/plan.yaml"))
-        return dirs[0].parent if dirs else None
+        return (run_dirs(tmp_path) or [None])[0]
 
-    def quick_done():
-        """item 1's output"""
+    def quick_done():  # item 1's output
         out = run_dir() / "faulty" / f"{item_id(1)}.json"
         return json.loads(out.read_text()) if out.exists() else None
 
     def pids_of(slot):
-        log = run_dir() / "logs" / f"worker-{slot}.log"
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        return [int(ln.split()[0][4:]) for ln in lines if ln.startswith("PID=")]
+        return [int(x["PID"]) for x in identities(run_dir()) if x["slot"] == str(slot)]
 
     try:
-        wait_for(run_dir)
-        quick = wait_for(quick_done)
+        wait_until(proc, run_dir, 30)
+        quick = wait_until(proc, quick_done, 30)
         b, a = quick["slot"], 1 - quick["slot"]
         time.sleep(0.5)  # B has reported item 1 and has nothing left: idle
         os.kill(quick["pid"], signal.SIGKILL)
         b_died = f"worker cpu:{b} (pid {quick['pid']}) died: SIGKILL; 0 item(s) in flight"
-        wait_for(lambda: b_died in (run_dir() / "runner.log").read_text())  # handled, alone
-        os.kill(wait_for(lambda: pids_of(a))[0], signal.SIGKILL)  # running item 0
-        second = wait_for(lambda: pids_of(a)[1:])[0]  # A's restart (1 of 1)
+        wait_until(proc, lambda: b_died in (run_dir() / "runner.log").read_text(), 30)  # alone
+        os.kill(wait_until(proc, lambda: pids_of(a), 30)[0], signal.SIGKILL)  # running item 0
+        second = wait_until(proc, lambda: pids_of(a)[1:], 30)[0]  # A's restart (1 of 1)
         os.kill(second, signal.SIGKILL)
         out, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_leftover(proc)
     assert proc.returncode == 0, err[-3000:]
     rows = check_consistent(only_run_dir(tmp_path), 2)
     assert all(r["status"] == "done" for r in rows.values())

@@ -19,25 +19,8 @@ import time
 
 import pytest
 
-from tests.faulty_task import (REPO, check_consistent, cli, cli_args, identities, journal_rows,
-                               only_run_dir, run_dirs)
-
-
-def _start(args):
-    # a session of its own: killpg reaches the controller and its workers, like a TTY's ^C
-    return subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for(proc, cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the run to get going")
+from tests.faulty_task import (REPO, check_consistent, cli_args, identities, journal_rows,
+                               only_run_dir, run_dirs, start_run, stop_leftover, wait_until)
 
 
 def _outputs(tmp_path):
@@ -72,20 +55,14 @@ def _done_mtimes(run_dir, rows):
             if r["status"] == "done"}
 
 
-def _stop_leftover(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
     count = 16
-    proc = _start(cli_args(tmp_path, "batch_size=2", "executor.grace_s=30", count=count,
+    proc = start_run(cli_args(tmp_path, "batch_size=2", "executor.grace_s=30", count=count,
                            ms=250))
     try:
-        _wait_for(proc, lambda: _outputs(tmp_path) >= 2)
+        wait_until(proc, lambda: _outputs(tmp_path) >= 2)
         sent_at = time.time()
         if sig == "SIGINT":
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
@@ -93,7 +70,7 @@ def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
             os.kill(proc.pid, signal.SIGTERM)  # kill <controller pid>
         _, stderr = proc.communicate(timeout=60)
     finally:
-        _stop_leftover(proc)
+        stop_leftover(proc)
     assert proc.returncode == 130, stderr[-3000:]
     assert f"{sig}: no new work" in stderr
     run_dir = only_run_dir(tmp_path)
@@ -112,7 +89,7 @@ def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
 @pytest.mark.timeout(120)
 def test_second_sigint_stops_workers_now_then_resume(tmp_path):
     count = 4  # with prefetch 2, all four are handed out at once: two running, two queued
-    proc = _start(cli_args(tmp_path, "executor.grace_s=60", "chunking.prefetch=2",
+    proc = start_run(cli_args(tmp_path, "executor.grace_s=60", "chunking.prefetch=2",
                            count=count, ms=2000))
     try:
         def both_busy():
@@ -120,7 +97,7 @@ def test_second_sigint_stops_workers_now_then_resume(tmp_path):
             logs = list((dirs[0] / "logs").glob("worker-*.log")) if dirs else []
             return len(logs) == 2 and all("loaded m1" in p.read_text() for p in logs)
 
-        _wait_for(proc, both_busy)
+        wait_until(proc, both_busy)
         time.sleep(0.4)  # both workers are inside a 2 s item now
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.3)
@@ -134,7 +111,7 @@ def test_second_sigint_stops_workers_now_then_resume(tmp_path):
         workers_gone_s = time.time() - second_at
         _, stderr = proc.communicate(timeout=60)
     finally:
-        _stop_leftover(proc)
+        stop_leftover(proc)
     assert proc.returncode == 130, stderr[-3000:]
     assert "second SIGINT: stopping workers now" in stderr
     # terminated now, not after the grace period (60 s); that the items in flight did not
@@ -168,13 +145,13 @@ def _probe_args(tmp_path, *extra):
 def test_ctrl_c_during_discovery_is_one_line_and_stops_the_early_workers(tmp_path):
     """A new run's workers are spawned before discovery; Ctrl-C while it runs ends the run
     with one line and exit 130, and takes those workers down with it."""
-    proc = _start(_probe_args(tmp_path, "+task.discover_s=30"))
+    proc = start_run(_probe_args(tmp_path, "+task.discover_s=30"))
 
     def logs():  # the worker logs that have their identity line (no plan.yaml yet)
         return [p for p in (tmp_path / "sleep").glob("*/logs/worker-*.log")
                 if p.read_text().startswith("PID=")]
 
-    _wait_for(proc, lambda: len(logs()) == 2, timeout=40)  # both workers are up
+    wait_until(proc, lambda: len(logs()) == 2, timeout=40)  # both workers are up
     pids = [int(p.read_text().split()[0].split("=")[1]) for p in logs()]
     os.killpg(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
@@ -192,13 +169,13 @@ def test_ctrl_c_while_finishing_is_one_line_and_the_resume_finishes(tmp_path):
     """Ctrl-C after the last item, while the controller finalizes (SIGINT is the default
     handler again): one line naming the command that finishes the run, exit 130; that
     command writes the summary without running any item again."""
-    proc = _start(_probe_args(tmp_path, "+task.finalize_s=30"))
+    proc = start_run(_probe_args(tmp_path, "+task.finalize_s=30"))
 
     def all_done():
         dirs = run_dirs(tmp_path)
         return bool(dirs) and (dirs[0] / "journal.sqlite").exists() and sum(
             r["status"] == "done" for r in journal_rows(dirs[0]).values()) == 4
-    _wait_for(proc, all_done, timeout=60)
+    wait_until(proc, all_done, timeout=60)
     time.sleep(0.5)  # past the journal's commit: inside finalize's 30 s
     os.killpg(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
