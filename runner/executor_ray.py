@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised when ray is absent
 from runner.devices import Inventory, Slot
 from runner.executor import LocalExecutor, _Worker
 from runner.messages import Call, WorkerSpec
+from runner.rundir import RunDir
 from runner.worker import run_call, start_worker
 
 log = logging.getLogger("runner")
@@ -92,6 +93,10 @@ class SlotActor:
 
     def run(self, call: Call) -> list:
         if self.started is not None:
+            marker = RunDir(Path(self.spec.run_dir)).running_marker(self.spec.slot.index)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(f"{self.spec.incarnation} {call.batch_no}")
+            os.replace(tmp, marker)  # whole, no fsync: it only has to outlive this process
             ladder, log_ = self.started
             if not run_call(call, ladder, self.spec, log_, self.outbox):
                 self.started = None
@@ -184,12 +189,26 @@ class RayExecutor(LocalExecutor):
             try:
                 messages = ray.get(ref, timeout=self.stop_timeout_s)
             except (RayActorError, GetTimeoutError) as exc:
+                running = self._running_call(w)
+                if running is not None:
+                    self.sup.replies_lost(w.slot, running)
                 self._died(w, reason=f"actor died ({exc.__class__.__name__})")
                 continue
             for msg in messages:
                 self._handle(w, msg)
             if w.exhausted or w.failed_to_start:
                 self._died(w)
+
+    def _running_call(self, w: _Worker) -> int | None:
+        """The batch the dead actor was running, from its marker (None: unknown)."""
+        if self.run_dir is None:
+            return None
+        marker = RunDir(self.run_dir).running_marker(w.slot.index)
+        try:
+            incarnation, batch_no = marker.read_text().split()
+        except (OSError, ValueError):
+            return None
+        return int(batch_no) if int(incarnation) == w.incarnation else None
 
     def _reap(self, w: _Worker) -> int | None:
         for ref in [r for r, (ww, _) in self.refs.items() if ww is w]:

@@ -146,6 +146,11 @@ class RunDir:
     def worker_log(self, slot: int) -> Path:
         return self.logs / f"worker-{slot}.log"
 
+    def running_marker(self, slot: int) -> Path:
+        """Ray actors only: ``<incarnation> <batch_no>`` of the call the slot's actor is running
+        (a dead actor's last replies can be lost; this says which call it died in)."""
+        return self.logs / f".running-{slot}"
+
     def error_file(self, item_id: str) -> Path:
         return self.logs / "errors" / f"{safe_name(item_id)}.json"
 

@@ -210,6 +210,19 @@ class Supervisor:
         self.scheduler.requeue(unstarted, suspect=False)
         self.progress.slot_state(slot.index, "stopped" if quiet else f"died: {why}")
 
+    def replies_lost(self, slot: Slot, running_batch: int) -> None:
+        """The calls sent to ``slot`` before ``running_batch`` finished, but their replies died
+        with the worker (a Ray actor killed mid-call can lose the reply of the call before):
+        their items go back uncharged, so that :meth:`worker_gone` charges the running one."""
+        calls = self.calls[slot.index]
+        n = next((k for k, (batch_no, _) in enumerate(calls) if batch_no == running_batch), 0)
+        inflight = self.inflight[slot.index]
+        items = [inflight.pop(i) for _, ids in calls[:n] for i in ids if i in inflight]
+        for item in items:
+            self.journal.mark_pending(item.id, refund=True)
+        self.scheduler.requeue(items, suspect=False)
+        self.calls[slot.index] = calls[n:]
+
     def stop_requested(self, signame: str, grace_s: float) -> None:
         self.stop_requested_at = time.time()
         self.stop_signal = signame
