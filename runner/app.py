@@ -26,14 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import config as config_mod
 from runner import devices as devices_mod
-from runner import provenance, report, resume as resume_mod
+from runner import intake, provenance, report, resume as resume_mod
 from runner.journal import Journal
 from runner.plan import Plan, chain_dict, inventory_notes, slot_plans
 from runner.progress import make_progress
 from runner.rundir import RunDir, atomic_write_json, atomic_write_text, remove_stale_temps
 from runner.scheduler import Scheduler, page_size
 from runner.supervisor import Supervisor
-from runner.tasks.base import BadItem, ConfigError, FinalizeContext
+from runner.tasks.base import ConfigError, FinalizeContext
 
 log = logging.getLogger("runner")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -53,14 +53,6 @@ def _backends_to_probe(backend: str) -> tuple[str, ...]:
 
 def _limited(it, limit):
     return it if limit is None else itertools.islice(it, limit)
-
-
-def _noting_bad(it, bad: list):
-    """Pass discovery through, keeping the BadItems (their error files are written later)."""
-    for obj in it:
-        if isinstance(obj, BadItem):
-            bad.append(obj)
-        yield obj
 
 
 def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
@@ -207,19 +199,35 @@ def _worker_slots(slots, task):
             for s in slots]
 
 
+def _say_intake(found: intake.Intake) -> None:
+    if found.repeated:
+        log.warning("%d repeated id(s) (task.on_duplicate_id): first, %s", found.repeated,
+                    found.first_repeated)
+    if found.renamed_count:
+        log.warning("%d item(s) named apart from another whose name meets theirs on a "
+                    "case-insensitive or normalising file system (first: %s -> %s)",
+                    found.renamed_count, *found.renamed[0])
+    if found.changed:
+        log.warning("%d item(s) changed since they were done or failed: made again (first: %s)",
+                    found.changed, ", ".join(found.first_changed))
+
+
 def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, resume_info,
                   chains, warnings, batch_size, make_spec, early):
-    bad: list[BadItem] = []
     try:
-        journal.add(_noting_bad(_limited(task.discover(), cfg.limit), bad))
+        found = intake.take(journal, _limited(task.discover(), cfg.limit),
+                            on_duplicate=getattr(task, "on_duplicate_id", "error"),
+                            on_changed=cfg.resume.on_changed)
     except KeyboardInterrupt:
         raise _InterruptedOutsideRun(
             f"interrupted while discovering items ({journal.counts()['pending']} found so "
             f"far); no item has run: start the command again") from None
-    if not cfg.dry_run:  # logs/errors/<item>.json: one per failure, bad input included
-        for b in bad:
-            atomic_write_json(rundir.error_file(b.id), {
-                "item": b.id, "stage": "discovery", "error": b.error, "time": time.time()})
+    _say_intake(found)
+    if not cfg.dry_run:  # logs/errors/<name>.json: one per failure, bad input included
+        for b in found.bad:
+            atomic_write_json(rundir.error_file(journal.name_of(b.id)), {
+                "item": b.id, "where": b.where or None, "stage": "discovery",
+                "error": b.error, "time": time.time()})
     recovered = journal.recover(cfg.resume.retry_failed)
     counts_before = journal.counts()
     sort_pages = bool(getattr(task, "sort_batches_by_cost", False))
@@ -237,7 +245,7 @@ def _plan_and_run(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, 
         prefetch=cfg.chunking.prefetch,
         items={"count": count, "total_cost": total_cost, "longest_cost": longest,
                "failed_at_discovery": counts_before["failed"],
-               "already_done": counts_before["done"], **recovered},
+               "already_done": counts_before["done"], **recovered, **found.as_dict()},
         checkpoint={"policy": cfg.checkpoint.policy, "max_attempts": cfg.checkpoint.max_attempts,
                     "journal": str(rundir.journal) if journal.path else "in memory"},
         executor=OmegaConf.to_container(cfg.executor), run_dir=str(rundir.root),

@@ -9,6 +9,7 @@ Users type ``resume=latest`` or ``resume=<run dir>``; :func:`rewrite_argv` turns
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,7 @@ STRATEGIES = ("dynamic", "size_balanced", "contiguous", "round_robin")
 CHECKPOINT_POLICIES = ("resume", "off")
 EXECUTORS = ("local", "ray")
 PROGRESS_MODES = ("auto", "rich", "plain", "off")
+ON_CHANGED = ("requeue", "error")  # resume.on_changed (runner.intake)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class ExecutorConfig:
 class ResumeConfig:
     run: Optional[str] = None  # latest | <run dir> | null (a new run)
     retry_failed: bool = False  # also retry items that failed in the run being resumed
+    # an item whose input changed since it was done: requeue (make it again) | error (refuse)
+    on_changed: str = "requeue"
 
 
 @dataclass
@@ -117,19 +121,40 @@ def validate(cfg: Any) -> None:
     if cfg.limit is not None and cfg.limit < 0:
         raise ConfigError(f"limit={cfg.limit} must be >= 0 (or null for all items)")
     _choice("progress", cfg.progress, PROGRESS_MODES)
+    _choice("resume.on_changed", cfg.resume.on_changed, ON_CHANGED)
     if cfg.resume.run is not None and cfg.checkpoint.policy == "off":
         raise ConfigError("resume needs a journal: checkpoint=off keeps none (use checkpoint=resume)")
     if cfg.task is None or "_target_" not in cfg.task:
         raise ConfigError("task has no _target_: choose task=embed|subtitles or name your own class")
 
 
+# what Hydra's override grammar takes in an unquoted value (OverrideLexer: ASCII letters,
+# digits, _-/\\+.$%*@?| and spaces)
+_UNQUOTED = re.compile(r"[A-Za-z0-9_\-/\\+.$%*@?| ]*")
+_KEY = re.compile(r"[+~]{0,2}[A-Za-z_][\w.\-/@]*")
+
+
+def quote_value(arg: str) -> str:
+    """``key=value`` with a value Hydra's lexer refuses unquoted (a path in any script,
+    with ``#``, ``&``, ``'``, brackets, emoji) -> ``key='value'``. Left as typed: values
+    already quoted, lists, dicts, sweeps (``,``), interpolations, function calls, and
+    values with a quote or backslash (quote those yourself)."""
+    key, eq, value = arg.partition("=")
+    if (not eq or arg.startswith("-") or not _KEY.fullmatch(key) or not value
+            or _UNQUOTED.fullmatch(value) or value[0] in "[{'\"" or "," in value
+            or "${" in value or any(c in value for c in "'\"\\") or value.endswith(")")):
+        return arg
+    return f"{key}='{value}'"
+
+
 def rewrite_argv(argv: list[str]) -> list[str]:
-    """``resume=X`` -> ``resume.run=X`` so that resume.retry_failed can sit beside it."""
-    out = []
-    for arg in argv:
+    """``resume=X`` -> ``resume.run=X`` so that resume.retry_failed can sit beside it; a
+    value Hydra would refuse unquoted is quoted (:func:`quote_value`)."""
+    out = argv[:1]
+    for arg in argv[1:]:
         if arg.startswith("resume=") or arg.startswith("+resume="):
             arg = "resume.run=" + arg.split("=", 1)[1]
-        out.append(arg)
+        out.append(quote_value(arg))
     return out
 
 

@@ -14,6 +14,19 @@ Item states and their legal moves (:func:`check_transition` refuses the rest)::
        +--> failed <-----------------+      (bad input, or attempts exhausted)
     failed --> pending                      (resume.retry_failed=true only)
 
+A resume that finds an item's input changed since it was done or failed moves it back
+(:meth:`Journal.requeue_changed`, the one exception to the table above, called only by
+:mod:`runner.intake` before any work is dispatched)::
+
+    done | failed --> pending               (its fingerprint changed: make it again)
+    done | pending | running --> failed     (it changed into bad input)
+
+Identity columns: ``name`` is what the item's files are named from (set once, at its first
+discovery, never changed); ``name_key`` is its case- and normalisation-folded form, UNIQUE,
+so the journal itself refuses one name (one output path) for two items; ``fingerprint``
+says what the item was made from; ``src`` where it is in the input; ``placed`` the copies
+written outside the run dir (JSON list) and ``warning`` a one-line note from the writer.
+
 Memory does not grow with the number of items: discovery streams in chunks, pending work
 is read back in pages ordered by seq, counts come from SQL.
 """
@@ -29,7 +42,8 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
-from runner.tasks.base import BadItem, Item
+from runner.rundir import apply_umask
+from runner.tasks.base import Item
 
 
 class ItemStatus(str, Enum):
@@ -80,11 +94,16 @@ CREATE TABLE IF NOT EXISTS items (
     slot INTEGER, device TEXT, model TEXT, batch_size INTEGER,
     started REAL, finished REAL, output TEXT, error TEXT,
     seq INTEGER NOT NULL, cost REAL NOT NULL DEFAULT 0, payload TEXT,
-    planned_slot INTEGER, gen INTEGER NOT NULL DEFAULT 0
+    planned_slot INTEGER, gen INTEGER NOT NULL DEFAULT 0,
+    name TEXT, name_key TEXT, fingerprint TEXT, src TEXT, placed TEXT, warning TEXT
 );
 CREATE INDEX IF NOT EXISTS items_todo ON items (gen, status, planned_slot, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# journals written before the identity columns existed get them on open
+_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning")
+_NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name_key)"
+SEEN_COLUMNS = "id, status, gen, name, fingerprint, src"
 
 
 class Journal:
@@ -97,6 +116,13 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
+        for column in _ADDED_COLUMNS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE items ADD COLUMN {column} TEXT")
+        self._db.execute(_NAME_INDEX)
+        if path:
+            apply_umask(Path(path))
         self._db.execute("BEGIN")
         self._batch_no: int | None = None  # next_batch_no's counter, once read
         self._commit_every = commit_every_s
@@ -140,26 +166,88 @@ class Journal:
         if self._batch_no is not None:
             self.set_meta("batch_no", self._batch_no)
 
-    # ---- discovery ------------------------------------------------------------------------
-    def add(self, discovered: Iterable[Item | BadItem], chunk: int = 2000) -> None:
-        """Record this invocation's items; items already known keep their state."""
-        seq = 0
-        it = iter(discovered)
-        while rows := list(islice(it, chunk)):
-            good, bad = [], []
-            for obj in rows:
-                if isinstance(obj, BadItem):
-                    bad.append((obj.id, ItemStatus.FAILED.value, obj.error, seq, self.gen))
-                else:
-                    good.append((obj.id, ItemStatus.PENDING.value, seq, obj.cost, obj.payload, self.gen))
-                seq += 1
-            self._db.executemany(
-                "INSERT INTO items (id, status, seq, cost, payload, gen) VALUES (?,?,?,?,?,?) "
-                "ON CONFLICT(id) DO UPDATE SET gen=excluded.gen, seq=excluded.seq, "
-                "cost=excluded.cost, payload=excluded.payload", good)
-            self._db.executemany(
-                "INSERT INTO items (id, status, error, seq, gen) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(id) DO UPDATE SET gen=excluded.gen, seq=excluded.seq", bad)
+    # ---- discovery (runner.intake decides; these are its primitives) ------------------------
+    def add(self, discovered: Iterable, **policy: Any) -> Any:
+        """Record discovered items (:func:`runner.intake.take`); returns its Intake."""
+        from runner.intake import take  # intake builds on this module
+
+        return take(self, discovered, **policy)
+
+    def seen(self, ids: Sequence[str]) -> dict[str, tuple]:
+        """The journal's rows for ``ids``: id -> (id, status, gen, name, fingerprint, src)."""
+        out: dict[str, tuple] = {}
+        for k in range(0, len(ids), 900):
+            part = list(ids[k:k + 900])
+            out.update((r[0], r) for r in self._db.execute(
+                f"SELECT {SEEN_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(part))})",
+                part))
+        return out
+
+    def insert(self, rows: list[tuple]) -> list[tuple]:
+        """New items: (id, status, error, seq, cost, payload, name, name_key, fingerprint, src).
+        Returns the rows refused because their name_key is taken (the caller renames them);
+        the others are in."""
+        return self._write_named(
+            "INSERT INTO items (id, status, error, seq, cost, payload, gen, name, name_key, "
+            "fingerprint, src) VALUES (?,?,?,?,?,?,%d,?,?,?,?)" % self.gen, rows)
+
+    def refresh(self, rows: list[tuple]) -> list[tuple]:
+        """Items seen again: (seq, cost, payload, name, name_key, fingerprint, src, id); their
+        state is kept. Returns the rows refused for a taken name_key, like :meth:`insert`."""
+        return self._write_named(
+            "UPDATE items SET gen=%d, seq=?, cost=?, payload=?, name=?, name_key=?, "
+            "fingerprint=?, src=? WHERE id=?" % self.gen, rows)
+
+    def _write_named(self, sql: str, rows: list[tuple]) -> list[tuple]:
+        if not rows:
+            return []
+        self._db.execute("SAVEPOINT named")
+        try:
+            self._db.executemany(sql, rows)
+            self._db.execute("RELEASE named")
+            return []
+        except sqlite3.IntegrityError:
+            self._db.execute("ROLLBACK TO named")
+            self._db.execute("RELEASE named")
+        refused = []
+        for row in rows:  # one by one: which names are taken
+            try:
+                self._db.execute(sql, row)
+            except sqlite3.IntegrityError as exc:
+                if "name_key" not in str(exc):
+                    raise
+                refused.append(row)
+        return refused
+
+    def name_taken(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM items WHERE name_key=?", (key,)).fetchone() is not None
+
+    def requeue_changed(self, item_id: str, error: str | None) -> None:
+        """Its input changed since the item was done or failed: back to pending with its
+        attempts and outputs cleared (``error`` None); or, ``error`` given, failed as the bad
+        input it now is (from any state: discovery runs before any dispatch)."""
+        if error is None:
+            sql = ("UPDATE items SET status='pending', attempts=0, output=NULL, error=NULL, "
+                   "finished=NULL, placed=NULL, warning=NULL WHERE id=? "
+                   "AND status IN ('done','failed')")
+            args: tuple = (item_id,)
+        else:
+            sql = ("UPDATE items SET status='failed', output=NULL, error=?, placed=NULL, "
+                   "warning=NULL WHERE id=?")
+            args = (error, item_id)
+        if self._db.execute(sql, args).rowcount != 1:
+            raise IllegalTransition(f"item {item_id!r}: only a done or failed item is re-queued "
+                                    f"when its input changed")
+
+    def discard(self) -> None:
+        """Undo everything since the last commit (a refused discovery writes nothing)."""
+        self._db.execute("ROLLBACK")
+        self._db.execute("BEGIN")
+        self._batch_no = None
+
+    def name_of(self, item_id: str) -> str:
+        row = self._db.execute("SELECT name FROM items WHERE id=?", (item_id,)).fetchone()
+        return row[0] if row and row[0] else ""
 
     def recover(self, retry_failed: bool) -> dict[str, int]:
         """Start of a run: running -> pending (their worker is gone); optionally failed -> pending."""
@@ -198,9 +286,10 @@ class Journal:
         where = "planned_slot IS NULL" if planned_slot is None else "planned_slot=?"
         args: tuple = (self.gen, after_seq) + (() if planned_slot is None else (planned_slot,))
         rows = self._db.execute(
-            f"SELECT id, cost, payload, seq FROM items WHERE gen=? AND status='pending' "
-            f"AND seq>? AND {where} ORDER BY seq LIMIT ?", args + (limit,)).fetchall()
-        return [(Item(r[0], r[1], r[2]), r[3]) for r in rows]
+            f"SELECT id, cost, payload, seq, name, fingerprint, src FROM items WHERE gen=? "
+            f"AND status='pending' AND seq>? AND {where} ORDER BY seq LIMIT ?",
+            args + (limit,)).fetchall()
+        return [(Item(r[0], r[1], r[2], r[4] or "", r[5] or "", r[6] or ""), r[3]) for r in rows]
 
     # ---- state changes (controller only) --------------------------------------------------
     def _move(self, item_id: str, new: ItemStatus, sets: str, args: tuple) -> None:
@@ -235,19 +324,23 @@ class Journal:
         return self.attempts(item_id)
 
     def mark_done(self, item_id: str, output: str, model: str, batch_size: int,
-                  started: float, finished: float) -> None:
-        self.mark_done_many([(item_id, output, model, batch_size, started, finished)])
+                  started: float, finished: float, placed: str | None = None,
+                  warning: str | None = None) -> None:
+        self.mark_done_many([(item_id, output, model, batch_size, started, finished, placed,
+                              warning)])
 
     def mark_running_many(self, item_ids: list[str], slot: int, device: str, now: float) -> None:
         self._move_many(ItemStatus.RUNNING,
                         "attempts=attempts+1, slot=?, device=?, started=?, finished=NULL",
                         [(i, (slot, device, now)) for i in item_ids])
 
-    def mark_done_many(self, rows: list[tuple[str, str, str, int, float, float]]) -> None:
-        """(id, output, model, batch_size, started, finished) per item."""
+    def mark_done_many(self, rows: list[tuple]) -> None:
+        """(id, output, model, batch_size, started, finished[, placed, warning]) per item;
+        placed: a JSON list of copies written outside the run dir, or None."""
         self._move_many(ItemStatus.DONE,
-                        "output=?, model=?, batch_size=?, started=?, finished=?, error=NULL",
-                        [(r[0], r[1:]) for r in rows])
+                        "output=?, model=?, batch_size=?, started=?, finished=?, placed=?, "
+                        "warning=?, error=NULL",
+                        [(r[0], (*r[1:], *(None,) * (8 - len(r)))) for r in rows])
 
     def mark_failed(self, item_id: str, error: str, finished: float,
                     model: str | None = None) -> None:
@@ -277,12 +370,15 @@ class Journal:
 
     def done_rows(self) -> Iterator[tuple[str, str, str]]:
         cur = self._db.execute(
-            "SELECT id, output, model FROM items WHERE status='done' ORDER BY seq")
+            "SELECT id, output, model FROM items WHERE status='done' AND gen=? ORDER BY seq",
+            (self.gen,))
         while rows := cur.fetchmany(5000):
             yield from rows
 
     def done_view(self) -> "DoneRows":
-        """Every done item's (id, output, model), read again at each iteration, never held."""
+        """Every done item's (id, output, model), read again at each iteration, never held.
+        Only items of this invocation's input: one that left the input (a line deleted, a
+        smaller limit) is not in the run's outputs any more."""
         return DoneRows(self)
 
     def timeline_rows(self, since: float) -> Iterator[tuple[int, float, float, str]]:
@@ -310,7 +406,8 @@ class DoneRows(Sequence):
 
     def __len__(self) -> int:
         return int(self._journal._db.execute(
-            "SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0])
+            "SELECT COUNT(*) FROM items WHERE status='done' AND gen=?",
+            (self._journal.gen,)).fetchone()[0])
 
     def __getitem__(self, index):  # rarely used: a query per access
         if isinstance(index, slice):
@@ -321,5 +418,5 @@ class DoneRows(Sequence):
         if not 0 <= index < n:
             raise IndexError(index)
         return self._journal._db.execute(
-            "SELECT id, output, model FROM items WHERE status='done' ORDER BY seq "
-            "LIMIT 1 OFFSET ?", (index,)).fetchone()
+            "SELECT id, output, model FROM items WHERE status='done' AND gen=? ORDER BY seq "
+            "LIMIT 1 OFFSET ?", (self._journal.gen, index)).fetchone()

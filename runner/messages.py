@@ -60,6 +60,8 @@ class ItemDone:
     started: float
     finished: float
     metrics: dict = field(default_factory=dict)
+    placed: tuple[str, ...] = ()  # copies written outside the run dir (task.place)
+    warning: str = ""  # one line from the writer (a copy not placed, one replaced)
 
 
 @dataclass(frozen=True)

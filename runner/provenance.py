@@ -174,7 +174,7 @@ def rerun_script(cfg: Any) -> str:
 def write_run_files(run_dir: Path, cfg: Any) -> None:
     """config.resolved.yaml and rerun.sh beside .hydra/ (a resume writes its resolved config
     into its own .hydra/resume-<time>/ and leaves the first run's files alone)."""
-    from runner.rundir import atomic_write_text
+    from runner.rundir import atomic_write_text, current_umask
 
     resumed = bool(cfg.get("resume") and cfg.resume.get("run"))
     target = run_dir
@@ -191,4 +191,4 @@ def write_run_files(run_dir: Path, cfg: Any) -> None:
     if not resumed:
         script = run_dir / RERUN
         atomic_write_text(script, rerun_script(cfg))
-        script.chmod(0o755)
+        script.chmod(0o777 & ~current_umask())  # executable, as the umask allows

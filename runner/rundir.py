@@ -2,7 +2,8 @@
 
 The run directory is a public contract (see DESIGN.md); its names are defined here and
 nowhere else. Every file appears whole or not at all: written to a temp file in the same
-directory, fsynced, then renamed over the final name.
+directory, fsynced, then renamed over the final name -- and with the mode any file the
+user's programs make would have (0666 & ~umask; folders 0777 & ~umask), not mkstemp's 0600.
 
     <run dir>/
       .hydra/                      Hydra's own
@@ -12,7 +13,7 @@ directory, fsynced, then renamed over the final name.
       journal.sqlite               RunDir.journal
       versions.json                RunDir.versions
       logs/worker-<slot>.log       RunDir.worker_log(slot)
-      logs/errors/<item>.json      RunDir.error_file(item_id)
+      logs/errors/<name>.json      RunDir.error_file(name): the item's journal name
       <task output dir>/...        RunDir.output(task.output_dir, relative)
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from runner import names
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,13 +38,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (/proc; else set and restore)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a new file under the user's umask: 0666 & ~umask."""
+    return 0o666 & ~current_umask()
+
+
+def apply_umask(path: Path) -> None:
+    """Give a file made by something that ignores the umask's intent (mkstemp: 0600,
+    SQLite: 0644) the mode the user's umask asks for."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, file_mode())
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success fsync it and rename it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -81,22 +110,6 @@ def atomic_write_json(final: Path, obj: Any) -> None:
     atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(item_id: str, limit: int = 120) -> str:
-    """A file name for an item id that cannot escape its folder."""
-    name = _UNSAFE.sub("_", item_id).strip("._") or "item"
-    return name[:limit]
-
-
-def safe_relative(rel: str | Path) -> Path:
-    """A relative path that stays inside its base whatever ``rel`` contains (.., /, ~)."""
-    parts = [p for p in Path(str(rel).replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
-    parts = [_UNSAFE.sub("_", p).lstrip(".") or "_" for p in parts]
-    if not parts:
-        raise ValueError(f"empty relative path from {rel!r}")
-    return Path(*parts)
 
 
 @dataclass(frozen=True)
@@ -151,12 +164,12 @@ class RunDir:
         (a dead actor's last replies can be lost; this says which call it died in)."""
         return self.logs / f".running-{slot}"
 
-    def error_file(self, item_id: str) -> Path:
-        return self.logs / "errors" / f"{safe_name(item_id)}.json"
+    def error_file(self, name: str) -> Path:
+        """``name``: the item's journal name (unique, safe; see runner.names)."""
+        return self.logs / "errors" / f"{names.flat(name)}.json"
 
-    def output(self, output_dir: str, relative: str | Path = "") -> Path:
-        base = self.root / output_dir
-        return base / safe_relative(relative) if str(relative) else base
+    def output(self, output_dir: str) -> Path:
+        return self.root / output_dir
 
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root.resolve()))

@@ -12,6 +12,7 @@ report events here; this module owns the consequences, identically for every exe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -120,8 +121,11 @@ class Supervisor:
             else:
                 fresh.append(msg)
         self.journal.mark_done_many([(m.item_id, m.output, m.model, m.batch_size, m.started,
-                                      m.finished) for m in fresh])
+                                      m.finished, json.dumps(list(m.placed)) if m.placed else None,
+                                      m.warning or None) for m in fresh])
         for msg in fresh:
+            if msg.warning:
+                log.warning("%s: %s", msg.item_id, msg.warning)
             st = self.stats[msg.slot]
             st.items += 1
             st.models[msg.model] = st.models.get(msg.model, 0) + 1
@@ -149,7 +153,7 @@ class Supervisor:
               tb: str, exit_code: int | None, model: str | None) -> None:
         now = time.time()
         self.journal.mark_failed(item_id, error, now, model)
-        atomic_write_json(self.rundir.error_file(item_id), {
+        atomic_write_json(self.rundir.error_file(self.journal.name_of(item_id)), {
             "item": item_id, "device": self.labels[slot], "slot": slot, "pid": pid,
             "attempt": attempt, "max_attempts": self.max_attempts, "exit_code": exit_code,
             "exit": exit_label(exit_code),

@@ -167,8 +167,9 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
         i += len(chunk)
         last = i >= len(items)
         conn.send(ChunkDone(slot.index, call.batch_no, tuple(
-            ItemDone(slot.index, call.batch_no, item.id, output, ladder.name, len(chunk),
-                     started, finished, task.item_metrics(item, result))
+            ItemDone(slot.index, call.batch_no, item.id, str(output), ladder.name, len(chunk),
+                     started, finished, task.item_metrics(item, result),
+                     tuple(getattr(output, "placed", ())), getattr(output, "warning", ""))
             for item, result, output in zip(chunk, results, outputs)), last))
         if last:
             return True

@@ -28,7 +28,8 @@ import sys
 import time
 from typing import Any, Iterator, Sequence
 
-from runner.rundir import atomic_write_text, safe_name
+from runner import names
+from runner.rundir import atomic_write_text
 from runner.tasks.base import Item, ModelRung, Task, WriteContext
 
 TORCH_AT_IMPORT = "torch" in sys.modules
@@ -79,7 +80,7 @@ class EnvProbeTask(Task):
     def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
         out = []
         for it, r in zip(items, results):
-            rel = f"{self.output_dir}/{safe_name(it.id)}.json"
+            rel = f"{self.output_dir}/{names.flat(it.name or names.component(it.id))}.json"
             atomic_write_text(ctx.run_dir / rel, json.dumps({"id": it.id, "slot": ctx.slot, **r}))
             out.append(rel)
         return out

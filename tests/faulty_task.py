@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from runner.rundir import atomic_path, safe_name
+from runner import names
+from runner.rundir import atomic_path
 from runner.tasks.base import BadInput, ConfigError, Item, ModelRung, Task, WriteContext
 
 KINDS = ("raise", "badinput", "exit", "sigkill", "segv", "segv_fh")
@@ -138,7 +139,7 @@ class FaultyTask(Task):
         if spec is None or spec[1] != where:
             return
         kind, _, when = spec
-        if when == "once" and not _claim(self._markers() / f"{safe_name(item.id)}.{where}"):
+        if when == "once" and not _claim(self._markers() / f"{names.component(item.id)}.{where}"):
             return
         do_fault(kind, f"{item.id} ({where})")
 
@@ -164,7 +165,7 @@ class FaultyTask(Task):
         out = []
         for it, _r in zip(items, results):
             self._maybe_fault(it, "write")
-            rel = f"{self.output_dir}/{safe_name(it.id)}.json"
+            rel = f"{self.output_dir}/{names.flat(it.name or names.component(it.id))}.json"
             with atomic_path(ctx.run_dir / rel) as tmp:
                 tmp.write_text(json.dumps({
                     "id": it.id, "pid": os.getpid(), "slot": ctx.slot, "batch_no": ctx.batch_no,
@@ -305,5 +306,5 @@ def check_consistent(run_dir: Path, count: int, finished: bool = True) -> dict[s
         if r["status"] == "failed":
             assert i not in owners, f"{i} failed but has an output"
             assert r["error"], f"{i} failed without an error"
-            assert (run_dir / "logs" / "errors" / f"{safe_name(i)}.json").is_file(), i
+            assert (run_dir / "logs" / "errors" / f"{names.component(i)}.json").is_file(), i
     return rows

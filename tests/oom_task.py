@@ -26,7 +26,8 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
-from runner.rundir import atomic_write_text, safe_name
+from runner import names
+from runner.rundir import atomic_write_text
 from runner.tasks.base import Item, ModelRung, Task, WriteContext
 
 MPS_MESSAGE = ("MPS backend out of memory (MPS allocated: 17.95 GB, other allocations: 4.50 MB, "
@@ -101,7 +102,7 @@ class OOMTask(Task):
     def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
         out = []
         for it, r in zip(items, results):
-            rel = f"{self.output_dir}/{safe_name(it.id)}.json"
+            rel = f"{self.output_dir}/{names.flat(it.name or names.component(it.id))}.json"
             atomic_write_text(ctx.run_dir / rel, json.dumps({
                 "id": it.id, "result": r, "model": ctx.model, "batch_size": ctx.batch_size,
                 "device": ctx.device, "slot": ctx.slot, "pid": os.getpid()}))

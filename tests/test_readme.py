@@ -96,6 +96,11 @@ def transcripts() -> dict[str, str]:
     return out
 
 
+def out_name(rel: str) -> str:
+    """The README's naming rule: <folder>/<stem>.<lang>, here English."""
+    return rel.rsplit(".", 1)[0] + ".en"
+
+
 @pytest.mark.timeout(150)
 def test_readme_default_run_makes_subtitles_for_the_samples(tmp_path):
     proc = cli([f"outputs={tmp_path}", "progress=plain"], timeout=140)
@@ -106,17 +111,18 @@ def test_readme_default_run_makes_subtitles_for_the_samples(tmp_path):
 
     subs = run / "subtitles"
     made = sorted(p.relative_to(subs).as_posix() for p in subs.rglob("*") if p.is_file())
-    assert made == sorted([f"{n}.srt" for n in refs] + [f"{n}.json" for n in refs])
+    assert made == sorted([f"{out_name(n)}.srt" for n in refs] +
+                          [f"{out_name(n)}.json" for n in refs])
 
     errors = words = 0.0
     for name, ref in refs.items():
-        cues = parse_cues((subs / f"{name}.srt").read_text(encoding="utf-8"), SRT_TIME)
+        cues = parse_cues((subs / f"{out_name(name)}.srt").read_text(encoding="utf-8"), SRT_TIME)
         assert cues, f"{name}.srt has no cues"
         hyp = " ".join(text for _, _, text in cues)
         n = len(ref.split())
         errors += wer(ref, hyp) * n
         words += n
-        doc = json.loads((subs / f"{name}.json").read_text())
+        doc = json.loads((subs / f"{out_name(name)}.json").read_text())
         assert doc["id"] == name and doc["model"] == "tiny.en" and doc["segments"]
     assert errors / words <= 0.2, f"pooled WER {errors / words:.3f} over the samples"
 
@@ -167,16 +173,16 @@ def test_two_workers_bad_files_fail_alone_outputs_mirror_input(tmp_path, speech_
     # the good ones: outputs mirror the input's relative paths, and say what was spoken
     subs = run / "subtitles"
     made = sorted(p.relative_to(subs).as_posix() for p in subs.rglob("*") if p.is_file())
-    assert made == sorted(f"{r}.{fmt}" for r in refs for fmt in ("srt", "vtt", "json"))
+    assert made == sorted(f"{out_name(r)}.{fmt}" for r in refs for fmt in ("srt", "vtt", "json"))
     for rel, ref in refs.items():
-        srt = parse_cues((subs / f"{rel}.srt").read_text(encoding="utf-8"), SRT_TIME)
-        vtt_text = (subs / f"{rel}.vtt").read_text(encoding="utf-8")
+        srt = parse_cues((subs / f"{out_name(rel)}.srt").read_text(encoding="utf-8"), SRT_TIME)
+        vtt_text = (subs / f"{out_name(rel)}.vtt").read_text(encoding="utf-8")
         assert vtt_text.startswith("WEBVTT")
         vtt = parse_cues(vtt_text, VTT_TIME, header="WEBVTT")
         assert [(s, e) for s, e, _ in vtt] == [(s, e) for s, e, _ in srt]
         hyp = " ".join(text for _, _, text in srt)
         assert wer(ref, hyp) <= 0.2, f"{rel}: WER {wer(ref, hyp):.3f}: {hyp!r}"
-        doc = json.loads((subs / f"{rel}.json").read_text())
+        doc = json.loads((subs / f"{out_name(rel)}.json").read_text())
         assert doc["id"] == rel and wer(ref, doc["text"]) <= 0.2
 
     # two workers, two processes

@@ -160,14 +160,16 @@ def test_samples_transcribed_and_written(tmp_path, fw_task, tiny):
     items = list(fw_task.discover())
     results = fw_task.process(tiny, items)
     outs = fw_task.write(items, results, ctx(tmp_path, len(items)))
-    assert outs == [f"subtitles/{i.id}.srt" for i in items]
+    # <stem>.<lang>.<fmt>: the name players pair with the media file
+    assert outs == [f"subtitles/{i.id.rsplit('.', 1)[0]}.en.srt" for i in items]
     hyps = []
     for item, res in zip(items, results):
-        data = json.loads((tmp_path / "subtitles" / f"{item.id}.json").read_text())
+        stem = item.id.rsplit(".", 1)[0]
+        data = json.loads((tmp_path / "subtitles" / f"{stem}.en.json").read_text())
         assert data["model"] == "tiny.en" and data["device"] == "cpu:0"
         assert data["language"] == "en" and data["duration"] == pytest.approx(item.cost)
         hyps.append(" ".join(w["text"] for s in data["segments"] for w in s["words"]))
-        assert (tmp_path / "subtitles" / f"{item.id}.vtt").read_text().startswith("WEBVTT\n")
+        assert (tmp_path / "subtitles" / f"{stem}.en.vtt").read_text().startswith("WEBVTT\n")
         assert fw_task.item_metrics(item, res) == {"media_s": res.duration, "proc_s": res.proc_s}
     # over all samples (espeak-ng's "at nine" tends to come out as "set high")
     assert wer(" ".join(refs[i.id] for i in items), " ".join(hyps)) <= 0.2, hyps
@@ -180,9 +182,9 @@ def test_silence_gives_empty_subtitles(speech_dir, tmp_path, fw_task, tiny):
     assert res.transcript.segments == []
     fw_task.write([item], [res], ctx(tmp_path))
     out = tmp_path / "subtitles"
-    assert (out / "silent.wav.srt").read_text() == ""
-    assert (out / "silent.wav.vtt").read_text() == "WEBVTT\n"
-    assert json.loads((out / "silent.wav.json").read_text())["segments"] == []
+    assert (out / "silent.wav.en.srt").read_text() == ""
+    assert (out / "silent.wav.en.vtt").read_text() == "WEBVTT\n"
+    assert json.loads((out / "silent.wav.en.json").read_text())["segments"] == []
 
 
 def test_item_ids_cannot_escape_the_run_dir(tmp_path, speech_dir, fw_task):
@@ -233,9 +235,9 @@ def test_openai_whisper_random_tiny_checkpoint(tmp_path, speech_dir):
             assert w.start <= w.end and 0 <= w.probability <= 1
     [rel] = task.write([item], [res], ctx(tmp_path / "run"))
     out = tmp_path / "run" / "subtitles"
-    assert rel == "subtitles/a.mp3.srt" and (out / "a.mp3.srt").is_file()
-    assert (out / "a.mp3.vtt").read_text().startswith("WEBVTT")
-    data = json.loads((out / "a.mp3.json").read_text())
+    assert rel == "subtitles/a.mp3.en.srt" and (out / "a.mp3.en.srt").is_file()
+    assert (out / "a.mp3.en.vtt").read_text().startswith("WEBVTT")
+    data = json.loads((out / "a.mp3.en.json").read_text())
     assert data["backend"] == wh.OPENAI and isinstance(data["segments"], list)
 
 

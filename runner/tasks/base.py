@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 
+#: what a task's ``on_duplicate_id`` may say (runner.intake applies it)
+ON_DUPLICATE = ("error", "keep_first", "suffix")
+
+
 class BadInput(Exception):
     """An item that can never succeed (empty text, corrupt file): failed at once, no retry."""
 
@@ -42,9 +46,14 @@ class ConfigError(Exception):
 class Item:
     """One unit of work. Crosses the process boundary, so it stays small and picklable."""
 
-    id: str  # stable, unique within a run; names the output
+    id: str  # stable, unique within a run, in the input's own spelling
     cost: float  # estimate for batching and size_balanced (seconds of media, tokens)
     payload: str  # what the worker needs: the text itself, or a file path
+    # the item's own files are named from this (a relative stem, folders joined by "/");
+    # "" = runner.names.component(id). The journal makes it unique and keeps it for good.
+    name: str = ""
+    fingerprint: str = ""  # what the item was made from (text hash; size:mtime_ns:head hash)
+    where: str = ""  # where it is in the input, for messages ("corpus.jsonl line 7")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,21 @@ class BadItem:
 
     id: str
     error: str  # one line: what is wrong and with which item
+    name: str = ""  # as Item.name
+    fingerprint: str = ""  # as Item.fingerprint: a fixed input is retried on resume
+    where: str = ""  # as Item.where
+
+
+@dataclass(frozen=True)
+class Written:
+    """``write``'s answer for one item when there is more to say than its output path."""
+
+    path: str  # relative to the run dir, as a plain str answer would be
+    placed: tuple[str, ...] = ()  # absolute paths of copies written outside the run dir
+    warning: str = ""  # one line: a copy not placed (exists, read-only), one replaced
+
+    def __str__(self) -> str:
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -140,8 +164,11 @@ class Task(ABC):
         """Run the model on a batch; one result per item, in order."""
 
     @abstractmethod
-    def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:
-        """Write outputs atomically; return each item's output path relative to the run dir."""
+    def write(self, items: Sequence[Item], results: Sequence[Any],
+              ctx: WriteContext) -> Sequence[str | Written]:
+        """Write outputs atomically; return each item's output path relative to the run dir
+        (a :class:`Written` to also report copies placed elsewhere or a warning). Per-item
+        files are named from ``item.name``, which the journal keeps unique."""
 
     def item_metrics(self, item: Item, result: Any) -> dict[str, float]:
         """Per-item figures the controller sums per device (e.g. media seconds for RTF)."""

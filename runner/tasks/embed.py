@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from runner import names
 from runner.rundir import atomic_path, atomic_write_json
-from runner.tasks.base import (BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task,
+from runner.tasks.base import (ON_DUPLICATE, BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task,
                                TaskConfig, WriteContext)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -49,6 +50,31 @@ class EmbedConfig(TaskConfig):
     # the first model's own tokenizer, as the model sees them (chars when it has no local
     # tokenizer.json); chars = characters of the text
     cost: str = "tokens"
+    # an id that appears twice: error (refuse the run, naming both lines) | keep_first (later
+    # copies ignored, counted) | suffix (later copies become <id>#2, <id>#3, ...)
+    on_duplicate_id: str = "error"
+
+
+_MISSING = object()  # an id field absent from a line
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list",
+            dict: "JSON object"}.get(type(value), type(value).__name__)
+
+
+def _text_error(text: Any, field_name: str) -> str | None:
+    """Why ``text`` cannot be embedded, or None: it must be a non-blank string."""
+    if text is None:
+        return f"text field {field_name!r} is null; give it a string"
+    if not isinstance(text, str):
+        return f"text field {field_name!r} is a {_kind(text)}, not a string"
+    if not text.strip():
+        return "empty text"
+    if not names.is_unicode(text):
+        return "text has an unpaired surrogate (a broken \\ud8xx escape); fix the text"
+    return None
+
 
 
 def _bundled_path(name: str) -> Path | None:
@@ -117,7 +143,11 @@ class EmbedTask(Task):
             raise ConfigError("task.models is empty: name at least one model, e.g. [all-MiniLM-L6-v2]")
         if self.cfg.cost not in COSTS:
             raise ConfigError(f"task.cost={self.cfg.cost!r} is not one of {', '.join(COSTS)}")
+        if self.cfg.on_duplicate_id not in ON_DUPLICATE:
+            raise ConfigError(f"task.on_duplicate_id={self.cfg.on_duplicate_id!r} is not one of "
+                              f"{', '.join(ON_DUPLICATE)}")
         self.default_batch_size = self.cfg.default_batch_size
+        self.on_duplicate_id = self.cfg.on_duplicate_id
 
     # ---- controller ----------------------------------------------------------------------
     def check(self, backends: frozenset[str]) -> None:
@@ -174,15 +204,35 @@ class EmbedTask(Task):
         for path, prefix in self._files():
             reader = {".txt": self._txt, ".jsonl": self._jsonl, ".csv": self._csv,
                       ".parquet": self._parquet}[path.suffix.lower()]
+            unit = "row" if path.suffix.lower() in (".csv", ".parquet") else "line"
+            shown = prefix[:-1] or path.name
             for n, ident, text, error in reader(path):
-                item_id = prefix + (str(ident) if ident is not None else str(n))
-                where = f"{path.name} {'row' if path.suffix in ('.csv', '.parquet') else 'line'} {n}"
+                where = f"{shown} {unit} {n}"
+                item_id, id_error = self._item_id(prefix, n, ident, where)
+                error = error or id_error or _text_error(text, self.cfg.text_field)
                 if error:
-                    yield BadItem(item_id, f"item {item_id} ({where}): {error}")
-                elif text is None or not str(text).strip():
-                    yield BadItem(item_id, f"item {item_id} ({where}): empty text")
+                    yield BadItem(item_id, f"item {item_id} ({where}): {error}",
+                                  fingerprint=names.text_fingerprint("\0bad\0" + error),
+                                  where=where)
                 else:
-                    yield Item(item_id, float(len(text)), str(text))
+                    yield Item(item_id, float(len(text)), text,
+                               fingerprint=names.text_fingerprint(text), where=where)
+
+    def _item_id(self, prefix: str, n: int, ident: Any, where: str) -> tuple[str, str | None]:
+        """The id as the input spells it: a string, or an integer's digits; line/row number
+        when task.id_field is null. Anything else is bad input (error, placeholder id)."""
+        if not self.cfg.id_field:
+            return prefix + str(n), None
+        if isinstance(ident, str) and ident != "" and names.is_unicode(ident):
+            return prefix + ident, None
+        if isinstance(ident, int) and not isinstance(ident, bool):
+            return prefix + str(ident), None
+        kind = ("missing" if ident is _MISSING else "empty" if ident == "" else
+                "text with an unpaired surrogate" if isinstance(ident, str) else
+                "null" if ident is None else f"a {_kind(ident)}")
+        return (f"<no usable id: {where}>",
+                f"id field {self.cfg.id_field!r} is {kind}, not a string or an integer; "
+                f"give every line its own id")
 
     def _lines(self, path: Path) -> Iterator[tuple[int, str | None, str | None]]:
         with open(path, "rb") as fh:
@@ -193,8 +243,8 @@ class EmbedTask(Task):
                     yield n, None, f"undecodable line ({exc.reason} at byte {exc.start})"
 
     def _txt(self, path: Path):
-        for n, line, error in self._lines(path):
-            yield n, None, line, error
+        for n, line, error in self._lines(path):  # a .txt has no id field: line numbers
+            yield n, n, line, error
 
     def _jsonl(self, path: Path):
         f_text, f_id = self.cfg.text_field, self.cfg.id_field
@@ -207,10 +257,13 @@ class EmbedTask(Task):
             except json.JSONDecodeError as exc:
                 yield n, None, None, f"bad JSON ({exc.msg} at column {exc.colno})"
                 continue
+            except RecursionError:
+                yield n, None, None, "JSON nested too deeply to read"
+                continue
             if not isinstance(obj, dict) or f_text not in obj:
                 yield n, None, None, f"no field {f_text!r} (set task.text_field)"
                 continue
-            ident = obj.get(f_id) if f_id else None
+            ident = obj.get(f_id, _MISSING) if f_id else None
             yield n, ident, obj[f_text], None
 
     def _csv(self, path: Path):
@@ -223,7 +276,7 @@ class EmbedTask(Task):
                 continue
             value = row[f_text]
             error = "undecodable text" if value and "\ufffd" in value else None
-            yield n, (row.get(f_id) if f_id else None), value, error
+            yield n, (row.get(f_id, _MISSING) if f_id else None), value, error
 
     def _parquet(self, path: Path):
         import pyarrow.parquet as pq
@@ -232,6 +285,9 @@ class EmbedTask(Task):
         pf = pq.ParquetFile(path)
         if f_text not in pf.schema_arrow.names:
             raise ConfigError(f"{path}: no column {f_text!r} (set task.text_field)")
+        if f_id and f_id not in pf.schema_arrow.names:
+            raise ConfigError(f"{path}: no column {f_id!r} (set task.id_field, or null for "
+                              f"row numbers)")
         cols = [f_text] + ([f_id] if f_id else [])
         n = 0
         for batch in pf.iter_batches(columns=cols, batch_size=4096):
@@ -270,6 +326,10 @@ class EmbedTask(Task):
             referenced[output] = referenced.get(output, 0) + 1
             models[model] = models.get(model, 0) + 1
         shards, dim = [], None
+        stale = {rel for rel in referenced
+                 if pq.read_metadata(ctx.run_dir / rel).num_rows != referenced[rel]}
+        if stale:  # rows of items made again since (input changed) or gone from the input
+            self._prune(ctx, stale)
         for rel in sorted(referenced):
             meta = pq.read_metadata(ctx.run_dir / rel)
             shards.append({"path": rel, "rows": meta.num_rows})
@@ -288,6 +348,25 @@ class EmbedTask(Task):
         if shards or out_dir.is_dir():
             atomic_write_json(out_dir / "manifest.json", manifest)
         return {"rows": manifest["rows"], "dim": dim, "shards": len(shards)}
+
+    @staticmethod
+    def _prune(ctx: FinalizeContext, stale: set[str]) -> None:
+        """Rewrite each shard in ``stale`` with only the rows the journal says it holds."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        keep: dict[str, list[str]] = {rel: [] for rel in stale}
+        for item_id, output, _model in ctx.done:
+            if output in keep:
+                keep[output].append(item_id)
+        for rel, ids in keep.items():
+            table = pq.read_table(ctx.run_dir / rel)
+            table = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+            with atomic_path(ctx.run_dir / rel) as tmp:
+                pq.write_table(table, tmp, use_dictionary=["model", "device"])
+            log.info("embed: %s rewritten without rows made again or gone from the input "
+                     "(%d kept)", rel, table.num_rows)
 
     # ---- worker --------------------------------------------------------------------------
     def load_model(self, rung: ModelRung, device: str) -> Any:

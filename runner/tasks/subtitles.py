@@ -5,7 +5,9 @@ input and reads each file's duration from its header (the item's cost), ``model_
 resolves ``task.models`` through :mod:`runner.tasks.whisper`. Worker side: ``load_model``
 loads faster-whisper or openai-whisper on the slot's device, ``process`` transcribes with
 word timestamps, ``write`` builds cues with :mod:`runner.tasks.cues` and writes
-``<run dir>/subtitles/<item id>.<fmt>`` atomically.
+``<run dir>/subtitles/<folder>/<stem>.<lang>.<fmt>`` atomically -- the input's own folders
+and stem, kept as written (see ``_names`` for two inputs with one stem) -- and, with
+``task.place=beside_input``, a copy beside the media file, where players look for it.
 
 Silence: a file that decodes but contains no speech is *not* an error; it gets valid empty
 subtitle files (an SRT with no cues, a VTT with only its header) and a JSON with no
@@ -15,6 +17,7 @@ Unreadable, empty (0 bytes) or audio-less files raise :class:`BadInput` naming t
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -26,17 +29,19 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from runner.rundir import atomic_write_json, atomic_write_text, safe_relative
+from runner import names
+from runner.rundir import atomic_write_bytes
 from runner.tasks import cues as cue_mod
 from runner.tasks import whisper as wh
 from runner.tasks.base import (
-    BadInput, BadItem, ConfigError, Item, ModelRung, Task, TaskConfig, WriteContext,
+    BadInput, BadItem, ConfigError, Item, ModelRung, Task, TaskConfig, WriteContext, Written,
 )
 
 log = logging.getLogger(__name__)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "audio"
 FORMATS = ("srt", "vtt", "json")
+PLACES = ("run_dir", "beside_input")
 COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16",
                  "float16", "bfloat16", "float32", "default")
 _AUDIO_VIDEO = "wav,mp3,m4a,aac,flac,ogg,oga,opus,wma,aiff,aif,mp4,m4v,mkv,mov,webm,avi,mpg,mpeg,ts"
@@ -70,6 +75,10 @@ class SubtitlesConfig(TaskConfig):
     max_cps: float = 20.0  # cue rules: reading speed limit (characters per second)
     min_gap: float = 0.083  # cue rules: gap kept before the next cue when extending (s)
     max_pause: float = 1.5  # cue rules: a cue never spans a silence longer than this (s)
+    # where subtitle files go besides the run dir: run_dir (only there) | beside_input (also
+    # <media folder>/<stem>.<lang>.<fmt>, where players look for them)
+    place: str = "run_dir"
+    overwrite: bool = False  # beside_input: replace an existing file there with other content
 
     def __post_init__(self) -> None:
         self.models = [str(m) for m in self.models]
@@ -99,6 +108,8 @@ class SubtitlesConfig(TaskConfig):
             bad.append(f"task.no_speech_drop={self.no_speech_drop}: allowed 0..1")
         if not float(self.silence_dbfs) <= 0:
             bad.append(f"task.silence_dbfs={self.silence_dbfs}: allowed a level <= 0 dBFS")
+        if self.place not in PLACES:
+            bad.append(f"task.place={self.place}: allowed {', '.join(PLACES)}")
         if not str(self.pattern).strip():
             bad.append("task.pattern is empty: give a file-name glob such as *.wav")
         try:
@@ -127,6 +138,34 @@ class Result:
     proc_s: float  # seconds spent transcribing it
 
 
+
+VIDEO = frozenset("mp4 m4v mkv mov webm avi mpg mpeg ts wmv flv 3gp".split())
+
+
+def _names(rels: Iterator[str]) -> dict[str, str]:
+    """Each input's output name: its folders and stem, as written (runner.names makes each
+    part safe). Inputs of one folder whose stems are equal (case-folded) -- talk.mp4,
+    talk.wav -- share a stem: the first by (video before audio, extension, name) keeps it, so
+    the video's player pairs talk.en.srt with it; the others keep their extension in the
+    name (talk.wav.en.srt). The journal settles any clash that is left."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for rel in rels:
+        folder, _, base = rel.rpartition("/")
+        stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+        groups.setdefault((folder, names.fold(stem)), []).append(rel)
+    out = {}
+    for (folder, _), members in groups.items():
+        def rank(rel: str) -> tuple:
+            ext = rel.rsplit(".", 1)[-1].lower() if "." in rel.rpartition("/")[2] else ""
+            return (ext not in VIDEO, ext, rel)
+        for k, rel in enumerate(sorted(members, key=rank)):
+            base = rel.rpartition("/")[2]
+            stem = base if k else (base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base)
+            parts = ([p for p in folder.split("/") if p] if folder else []) + [stem]
+            out[rel] = names.relative(parts)
+    return out
+
+
 def _expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
@@ -140,6 +179,8 @@ class SubtitlesTask(Task):
 
     name = "subtitles"
     output_dir = "subtitles"
+    #: where copies go does not change what an output means: a resume may change them
+    resume_safe_keys = ("place", "overwrite")
 
     def __init__(self, **fields_: Any):
         known = {f.name for f in fields(SubtitlesConfig)}
@@ -202,13 +243,28 @@ class SubtitlesTask(Task):
         else:
             raise ConfigError(f"task.input={self.config.input}: no such file or folder; "
                               "point task.input at an audio/video file or folder")
+        named = _names(rel for rel, _ in files)
         for rel, path in files:
+            if not names.is_unicode(rel):  # os.walk's stand-ins for bytes that are not UTF-8
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                yield BadItem(shown, f"{shown}: the file name is not UTF-8; rename it (e.g. "
+                                     f"convmv -f latin1 -t utf-8)", where=shown)
+                continue
+            try:
+                st = path.stat()
+                fingerprint = names.file_fingerprint(path, st)
+            except OSError as exc:
+                yield BadItem(rel, f"{rel}: unreadable ({exc.strerror}); check its permissions",
+                              name=named[rel], where=str(path))
+                continue
             try:
                 seconds = media.duration(path)
             except BadInput as exc:
-                yield BadItem(rel, str(exc))
+                yield BadItem(rel, str(exc), name=named[rel], fingerprint=fingerprint,
+                              where=str(path))
                 continue
-            yield Item(id=rel, cost=seconds, payload=str(path.resolve()))
+            yield Item(id=rel, cost=seconds, payload=str(path.resolve()), name=named[rel],
+                       fingerprint=fingerprint, where=str(path))
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         be = wh.choose_backend(self.config.backend, backend)
@@ -259,29 +315,68 @@ class SubtitlesTask(Task):
                 ends.append(len(words) - 1)
         return cue_mod.build_cues(words, self.rules, ends)
 
-    def write(self, items: Sequence[Item], results: Sequence[Result], ctx: WriteContext) -> list[str]:
+    def write(self, items: Sequence[Item], results: Sequence[Result],
+              ctx: WriteContext) -> list[str | Written]:
+        """``subtitles/<folder>/<stem>.<lang>.<fmt>`` per item (its journal name), and with
+        task.place=beside_input a copy beside the media file too."""
         out_root = Path(ctx.run_dir) / self.output_dir
-        outputs = []
+        outputs: list[str | Written] = []
         for item, result in zip(items, results):
             cues = self.cues(result)
-            written = {}
+            lang = result.transcript.language or self.config.language
+            lang = lang if _LANGUAGE.match(str(lang)) and lang != "auto" else "und"
+            name = item.name or names.component(item.id)
+            rendered = {}
             for fmt in self.config.formats:
-                path = out_root / safe_relative(f"{item.id}.{fmt}")
                 if fmt == "srt":
-                    atomic_write_text(path, cue_mod.to_srt(cues))
+                    text = cue_mod.to_srt(cues)
                 elif fmt == "vtt":
-                    atomic_write_text(path, cue_mod.to_vtt(cues))
+                    text = cue_mod.to_vtt(cues)
                 else:
-                    atomic_write_json(path, self._json(item, result, cues, ctx))
-                written[fmt] = path.relative_to(ctx.run_dir).as_posix()
-            outputs.append(written.get("srt") or written[self.config.formats[0]])
+                    text = json.dumps(self._json(item, result, cues, ctx, lang), indent=2,
+                                      default=str) + "\n"
+                rendered[fmt] = text.encode("utf-8")
+                atomic_write_bytes(out_root / f"{name}.{lang}.{fmt}", rendered[fmt])
+            first = "srt" if "srt" in rendered else self.config.formats[0]
+            rel = f"{self.output_dir}/{name}.{lang}.{first}"
+            if self.config.place == "beside_input":
+                placed, warning = self._place(item, name.rpartition("/")[2], lang, rendered)
+                outputs.append(Written(rel, placed, warning))
+            else:
+                outputs.append(rel)
         return outputs
 
-    def _json(self, item: Item, result: Result, cues, ctx: WriteContext) -> dict[str, Any]:
+    def _place(self, item: Item, stem: str, lang: str,
+               rendered: dict[str, bytes]) -> tuple[tuple[str, ...], str]:
+        """Copies beside the media file; an existing different file is kept unless
+        task.overwrite; a folder we cannot write to is a warning, never a failure."""
+        placed, notes = [], []
+        for fmt, data in rendered.items():
+            target = Path(item.payload).parent / f"{stem}.{lang}.{fmt}"
+            try:
+                if target.is_file() and target.read_bytes() == data:
+                    placed.append(str(target))
+                    continue
+                if target.exists() and not self.config.overwrite:
+                    notes.append(f"{target} exists with other content; kept it "
+                                 f"(task.overwrite=true replaces it)")
+                    continue
+                existed = target.exists()
+                atomic_write_bytes(target, data)
+                placed.append(str(target))
+                if existed:
+                    notes.append(f"{target} replaced (task.overwrite=true)")
+            except OSError as exc:
+                notes.append(f"cannot write {target} ({exc.strerror or exc}); "
+                             f"the run dir's copy is kept")
+        return tuple(placed), "; ".join(notes)
+
+    def _json(self, item: Item, result: Result, cues, ctx: WriteContext,
+              lang: str) -> dict[str, Any]:
         t = result.transcript
         return {
             "id": item.id,
-            "language": t.language,
+            "language": lang,
             "model": ctx.model,
             "backend": t.backend,
             "device": ctx.device,
