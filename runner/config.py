@@ -16,14 +16,13 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from runner.tasks.base import ConfigError
+from runner.tasks.base import ON_CHANGED, ConfigError
 
 BACKENDS = ("auto", "cpu", "cuda", "xpu")
 STRATEGIES = ("dynamic", "size_balanced", "contiguous", "round_robin")
 CHECKPOINT_POLICIES = ("resume", "off")
 EXECUTORS = ("local", "ray")
 PROGRESS_MODES = ("auto", "rich", "plain", "off")
-ON_CHANGED = ("requeue", "error")  # resume.on_changed (runner.intake)
 
 
 @dataclass

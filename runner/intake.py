@@ -24,9 +24,8 @@ from itertools import islice
 from typing import Iterable
 
 from runner import names
-from runner.config import ON_CHANGED
 from runner.journal import Journal
-from runner.tasks.base import ON_DUPLICATE, BadItem, ConfigError, Item
+from runner.tasks.base import ON_CHANGED, ON_DUPLICATE, BadItem, ConfigError, Item
 
 CHUNK = 2000
 
@@ -62,7 +61,7 @@ def _seen_where(row: tuple) -> str:
 
 
 def take(journal: Journal, discovered: Iterable[Item | BadItem], on_duplicate: str = "error",
-         on_changed: str = "requeue", resuming: bool = False) -> Intake:
+         on_changed: str = "requeue") -> Intake:
     """Record ``discovered``; raise :class:`InputRefused` (journal untouched) to refuse."""
     if on_duplicate not in ON_DUPLICATE:
         raise ConfigError(f"task.on_duplicate_id={on_duplicate!r} is not one of "
@@ -87,7 +86,54 @@ def take(journal: Journal, discovered: Iterable[Item | BadItem], on_duplicate: s
     return found
 
 
+def _new_row(obj: Item | BadItem, seq: int, name: str, key: str) -> tuple:
+    """The journal row of an item seen for the first time (Journal.insert's order)."""
+    bad = isinstance(obj, BadItem)
+    return (obj.id, "failed" if bad else "pending", obj.error if bad else None, seq,
+            0.0 if bad else obj.cost, None if bad else obj.payload, name, key,
+            obj.fingerprint or None, obj.where or None)
+
+
+def _first_time(journal: Journal, objs: list, seq: int, found: Intake) -> bool:
+    """The first invocation of a run (nothing in the journal from before): try the chunk in
+    one INSERT. False, with nothing written, when an id repeats or a name is taken -- the
+    item-by-item path then says which."""
+    if journal.gen != 0 or len({o.id for o in objs}) != len(objs):
+        return False
+    rows = []
+    for k, obj in enumerate(objs):
+        name = obj.name or names.component(obj.id)
+        rows.append(_new_row(obj, seq + k, name, names.fold(name)))
+    if not journal.insert_all(rows):
+        return False
+    found.items += len(objs)
+    found.bad.extend(o for o in objs if isinstance(o, BadItem))
+    return True
+
+
+def _seen_before(journal: Journal, objs: list, seq: int, found: Intake) -> bool:
+    """A later invocation (a resume): when the journal finds nothing to decide in the chunk
+    (every id known, named, unchanged; none repeated), take it in one statement."""
+    if journal.gen == 0 or len({o.id for o in objs}) != len(objs):
+        return False
+    rows = []
+    for k, obj in enumerate(objs):
+        if isinstance(obj, BadItem):
+            rows.append((seq + k, 0.0, None, obj.fingerprint or None, obj.where or None,
+                         obj.error, obj.id))
+        else:
+            rows.append((seq + k, obj.cost, obj.payload, obj.fingerprint or None,
+                         obj.where or None, None, obj.id))
+    if not journal.refresh_plain(rows):
+        return False
+    found.items += len(objs)
+    found.bad.extend(o for o in objs if isinstance(o, BadItem))
+    return True
+
+
 def _chunk(journal: Journal, objs: list, seq: int, found: Intake, on_duplicate: str) -> int:
+    if _first_time(journal, objs, seq, found) or _seen_before(journal, objs, seq, found):
+        return seq + len(objs)
     seen = journal.seen([o.id for o in objs])
     fresh, again, changed, became_bad = [], [], [], []
     for obj in objs:
@@ -97,16 +143,16 @@ def _chunk(journal: Journal, objs: list, seq: int, found: Intake, on_duplicate: 
             if obj is None:
                 continue
             old = seen.get(obj.id)
-        name = (old[3] if old is not None and old[3] else "") or obj.name or names.component(obj.id)
-        key = names.fold(name)
+        kept = old[3] if old is not None else None  # the name it got when first seen
+        name = kept or obj.name or names.component(obj.id)
+        key = None if kept else names.fold(name)
         bad = isinstance(obj, BadItem)
         if old is None:
-            fresh.append((obj.id, "failed" if bad else "pending", obj.error if bad else None, seq,
-                          0.0 if bad else obj.cost, None if bad else obj.payload, name, key,
-                          obj.fingerprint or None, obj.where or None))
+            fresh.append(_new_row(obj, seq, name, key))
         else:
-            again.append((seq, 0.0 if bad else obj.cost, None if bad else obj.payload, name, key,
-                          obj.fingerprint or None, obj.where or None, obj.id))
+            again.append((seq, 0.0 if bad else obj.cost, None if bad else obj.payload,
+                          None if kept else name, key, obj.fingerprint or None,
+                          obj.where or None, obj.id))
             if (old[4] and obj.fingerprint and old[4] != obj.fingerprint
                     and old[1] in ("done", "failed")):
                 changed.append((obj.id, obj.error if bad else None))

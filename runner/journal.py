@@ -187,16 +187,52 @@ class Journal:
         """New items: (id, status, error, seq, cost, payload, name, name_key, fingerprint, src).
         Returns the rows refused because their name_key is taken (the caller renames them);
         the others are in."""
-        return self._write_named(
-            "INSERT INTO items (id, status, error, seq, cost, payload, gen, name, name_key, "
-            "fingerprint, src) VALUES (?,?,?,?,?,?,%d,?,?,?,?)" % self.gen, rows)
+        return self._write_named(self._INSERT % self.gen, rows)
+
+    _INSERT = ("INSERT INTO items (id, status, error, seq, cost, payload, gen, name, name_key, "
+               "fingerprint, src) VALUES (?,?,?,?,?,?,%d,?,?,?,?)")
+
+    def insert_all(self, rows: list[tuple]) -> bool:
+        """:meth:`insert` all or nothing: False (nothing written) if any id or name is taken."""
+        self._db.execute("SAVEPOINT all_new")
+        try:
+            self._db.executemany(self._INSERT % self.gen, rows)
+        except sqlite3.IntegrityError:
+            self._db.execute("ROLLBACK TO all_new")
+            return False
+        finally:
+            self._db.execute("RELEASE all_new")
+        return True
+
+    def refresh_plain(self, rows: list[tuple]) -> bool:
+        """A later invocation's chunk, (seq, cost, payload, fingerprint, src, error, id) per
+        item, in one pass -- if every row is plainly an item seen before with nothing to
+        decide: known, named, not yet seen in this invocation (no repeat), fingerprint
+        unchanged, not a pending item gone bad. Else False and nothing written."""
+        self._db.execute("SAVEPOINT plain")
+        moved = self._db.executemany(
+            "UPDATE items SET gen=?1, seq=?2, cost=?3, payload=?4, fingerprint=?5, src=?6 "
+            "WHERE id=?8 AND gen != ?1 AND name IS NOT NULL "
+            "AND (fingerprint IS NULL OR ?5 IS NULL OR fingerprint = ?5 "
+            "     OR status NOT IN ('done','failed')) "
+            "AND (?7 IS NULL OR status NOT IN ('pending','running'))",
+            [(self.gen, *r) for r in rows]).rowcount
+        if moved != len(rows):
+            self._db.execute("ROLLBACK TO plain")
+        self._db.execute("RELEASE plain")
+        return moved == len(rows)
 
     def refresh(self, rows: list[tuple]) -> list[tuple]:
         """Items seen again: (seq, cost, payload, name, name_key, fingerprint, src, id); their
-        state is kept. Returns the rows refused for a taken name_key, like :meth:`insert`."""
+        state is kept. A row whose name is None keeps the name it has (the common case: no
+        index to touch). Returns the rows refused for a taken name_key, like :meth:`insert`."""
+        named = [r for r in rows if r[3] is not None]
+        self._db.executemany(
+            "UPDATE items SET gen=%d, seq=?, cost=?, payload=?, fingerprint=?, src=? "
+            "WHERE id=?" % self.gen, [r[:3] + r[5:] for r in rows if r[3] is None])
         return self._write_named(
             "UPDATE items SET gen=%d, seq=?, cost=?, payload=?, name=?, name_key=?, "
-            "fingerprint=?, src=? WHERE id=?" % self.gen, rows)
+            "fingerprint=?, src=? WHERE id=?" % self.gen, named)
 
     def _write_named(self, sql: str, rows: list[tuple]) -> list[tuple]:
         if not rows:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -55,16 +56,15 @@ def _escape_char(ch: str) -> str:
     return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
 
 
-def _needs_escape(ch: str) -> bool:
-    return (ch in "/%" or unicodedata.category(ch) == "Cc"
-            or 0xD800 <= ord(ch) <= 0xDFFF)
+# what is escaped: "/", "%", the control characters (category Cc: C0, DEL, C1), surrogates
+_ESCAPED = re.compile("[/%\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def escape(text: str) -> str:
     """``text`` as one path component, unshortened (see the module docstring)."""
     if text in ("", ".", ".."):
         return {"": "%", ".": "%2E", "..": "%2E%2E"}[text]
-    return "".join(_escape_char(c) if _needs_escape(c) else c for c in text)
+    return _ESCAPED.sub(lambda m: _escape_char(m.group()), text)
 
 
 def _utf8_len(text: str) -> int:
@@ -105,6 +105,8 @@ def is_unicode(text: str) -> bool:
 def fold(name: str) -> str:
     """The key under which two names meet on a case-insensitive or normalising file system
     (NTFS, exFAT, APFS, HFS+, SMB shares)."""
+    if name.isascii():
+        return name.lower()
     return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
 
 

@@ -32,6 +32,8 @@ from typing import Any, Iterator, Sequence
 
 #: what a task's ``on_duplicate_id`` may say (runner.intake applies it)
 ON_DUPLICATE = ("error", "keep_first", "suffix")
+#: what ``resume.on_changed`` may say (runner.intake applies it)
+ON_CHANGED = ("requeue", "error")
 
 
 class BadInput(Exception):
