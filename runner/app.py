@@ -134,7 +134,8 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
         atomic_write_json(rundir.task_config, plain_task)
 
     keep = cfg.checkpoint.policy == "resume" and not cfg.dry_run
-    journal = Journal(rundir.journal if keep else None, cfg.checkpoint.commit_every_s)
+    journal = Journal(rundir.journal if keep else None, cfg.checkpoint.commit_every_s,
+                      shared_outputs=bool(getattr(task, "shared_outputs", False)))
     try:
         return _execute(cfg, argv, rundir, task, task_cfg, journal, inventory, slots, backends,
                         resume_info)

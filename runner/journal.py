@@ -42,6 +42,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
+from runner import names
 from runner.rundir import apply_umask
 from runner.tasks.base import Item
 
@@ -101,16 +102,22 @@ CREATE INDEX IF NOT EXISTS items_todo ON items (gen, status, planned_slot, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # journals written before the identity columns existed get them on open
-_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning")
-_NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name_key)"
+_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning", "output_key")
+_NAME_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name_key);"
+               "CREATE UNIQUE INDEX IF NOT EXISTS items_output ON items (output_key)")
 SEEN_COLUMNS = "id, status, gen, name, fingerprint, src"
 
 
 class Journal:
     """The controller's record of every item. Not thread-safe; one owner."""
 
-    def __init__(self, path: Path | None, commit_every_s: float = 0.5):
+    def __init__(self, path: Path | None, commit_every_s: float = 0.5,
+                 shared_outputs: bool = False):
         self.path = path
+        # False: each item has output files of its own, and the journal refuses to record
+        # one output path for two items (UNIQUE output_key); True: items share outputs
+        # (embed's shards), each found by its id inside
+        self.shared_outputs = shared_outputs
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
         if path:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -120,7 +127,7 @@ class Journal:
         for column in _ADDED_COLUMNS:
             if column not in have:
                 self._db.execute(f"ALTER TABLE items ADD COLUMN {column} TEXT")
-        self._db.execute(_NAME_INDEX)
+        self._db.executescript(_NAME_INDEX)
         if path:
             apply_umask(Path(path))
         self._db.execute("BEGIN")
@@ -268,8 +275,8 @@ class Journal:
                    "AND status IN ('done','failed')")
             args: tuple = (item_id,)
         else:
-            sql = ("UPDATE items SET status='failed', output=NULL, error=?, placed=NULL, "
-                   "warning=NULL WHERE id=?")
+            sql = ("UPDATE items SET status='failed', output=NULL, output_key=NULL, error=?, "
+                   "placed=NULL, warning=NULL WHERE id=?")
             args = (error, item_id)
         if self._db.execute(sql, args).rowcount != 1:
             raise IllegalTransition(f"item {item_id!r}: only a done or failed item is re-queued "
@@ -345,8 +352,13 @@ class Journal:
             return
         allowed = _from(new)
         self._db.execute("SAVEPOINT move_many")
-        moved = self._db.executemany(_update_sql(new, sets), [
-            (new.value, *args, item_id, *allowed) for item_id, args in rows]).rowcount
+        try:
+            moved = self._db.executemany(_update_sql(new, sets), [
+                (new.value, *args, item_id, *allowed) for item_id, args in rows]).rowcount
+        except sqlite3.IntegrityError:  # a UNIQUE refused a row: nothing of the batch moved
+            self._db.execute("ROLLBACK TO move_many")
+            self._db.execute("RELEASE move_many")
+            raise
         if moved == len(rows):
             self._db.execute("RELEASE move_many")
             return
@@ -375,8 +387,10 @@ class Journal:
         placed: a JSON list of copies written outside the run dir, or None."""
         self._move_many(ItemStatus.DONE,
                         "output=?, model=?, batch_size=?, started=?, finished=?, placed=?, "
-                        "warning=?, error=NULL",
-                        [(r[0], (*r[1:], *(None,) * (8 - len(r)))) for r in rows])
+                        "warning=?, output_key=?, error=NULL",
+                        [(r[0], (*r[1:], *(None,) * (8 - len(r)),
+                                 None if self.shared_outputs else names.fold(r[1])))
+                         for r in rows])
 
     def mark_failed(self, item_id: str, error: str, finished: float,
                     model: str | None = None) -> None:

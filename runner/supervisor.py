@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import logging
 import signal
 import time
@@ -120,9 +121,13 @@ class Supervisor:
                             msg.item_id, self.labels[msg.slot])
             else:
                 fresh.append(msg)
-        self.journal.mark_done_many([(m.item_id, m.output, m.model, m.batch_size, m.started,
-                                      m.finished, json.dumps(list(m.placed)) if m.placed else None,
-                                      m.warning or None) for m in fresh])
+        rows = [(m.item_id, m.output, m.model, m.batch_size, m.started, m.finished,
+                 json.dumps(list(m.placed)) if m.placed else None, m.warning or None)
+                for m in fresh]
+        try:
+            self.journal.mark_done_many(rows)
+        except sqlite3.IntegrityError:  # an output path already recorded for another item
+            fresh = [m for m, row in zip(fresh, rows) if self._done_alone(m, row)]
         for msg in fresh:
             if msg.warning:
                 log.warning("%s: %s", msg.item_id, msg.warning)
@@ -133,6 +138,19 @@ class Supervisor:
                 st.metrics[k] = st.metrics.get(k, 0.0) + float(v)
             self._busy(st, msg.batch_no, msg.started, msg.finished)
             self.progress.advance(msg.slot, 1)
+
+    def _done_alone(self, msg: ItemDone, row: tuple) -> bool:
+        """One item of a chunk the journal refused: done, or failed if its output path is
+        another item's (the journal's UNIQUE output key: a task wrote two items to one path)."""
+        try:
+            self.journal.mark_done_many([row])
+            return True
+        except sqlite3.IntegrityError:
+            self._fail(msg.item_id, msg.slot, None, self.journal.attempts(msg.item_id),
+                       f"its output {msg.output} is already another item's output in this run; "
+                       f"the task must name each item's files apart (item.name)", "", None,
+                       msg.model)
+            return False
 
     def item_failed(self, msg: ItemFailed, pid: int | None) -> None:
         item = self.inflight[msg.slot].pop(msg.item_id, None)

@@ -132,6 +132,9 @@ class Task(ABC):
     #: Config keys (under ``task``) that do NOT change what an output means; everything
     #: else in the task group is compared when resuming.
     resume_safe_keys: tuple[str, ...] = ()
+    #: True when items share output files (embed's shards hold many rows); False: the journal
+    #: refuses to record one output path for two items
+    shared_outputs: bool = False
 
     # ---- controller side -------------------------------------------------------------
     def check(self, backends: frozenset[str]) -> None:

@@ -135,6 +135,8 @@ class EmbedTask(Task):
     output_dir = "embeddings"
     #: a batch costs as much as its longest text (padding): cut pages into similar-length batches
     sort_batches_by_cost = True
+    #: many items per shard: the journal's one-output-per-item rule does not apply
+    shared_outputs = True
 
     def __init__(self, **fields: Any):
         fields.pop("_target_", None)
