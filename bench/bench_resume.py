@@ -44,7 +44,7 @@ def build_run(n: int, outputs: Path) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from bench.sleep_task import SleepTask
+    from runner.tasks.sleep import SleepTask
     from runner import app
     from runner.journal import Journal
     from runner.rundir import RunDir, atomic_write_json
@@ -74,7 +74,7 @@ import json, resource, sys, time
 from itertools import islice
 from runner.journal import Journal
 from runner.scheduler import Scheduler
-from bench.sleep_task import SleepTask
+from runner.tasks.sleep import SleepTask
 def rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 base = rss_kib()

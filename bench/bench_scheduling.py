@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_scheduling.py --quick      # small: does it work?
     .venv/bin/python bench/bench_scheduling.py --json bench/scheduling.json
 
-Items come from bench/sleep_task.py (``task=sleep``, plugged in through ``_target_`` as a
+Items come from runner/tasks/sleep.py (``task=sleep``, plugged in through ``_target_`` as a
 user's task would be): each sleeps for its cost, so it is device time that needs no CPU,
 and a perfect scheduler on 8 slots finishes in max(sum/8, longest). The runner runs
 through the real CLI with ``devices=cpu devices.count=8 devices.threads_per_worker=1
@@ -61,7 +61,7 @@ def sleep_for(job: tuple[int, float]) -> tuple[int, float, float, int]:
 
 def costs(count: int, ms: float, dist: str, sigma: float, seed: int) -> list[float]:
     """The exact costs SleepTask discovers for these settings (seconds)."""
-    from bench.sleep_task import SleepTask
+    from runner.tasks.sleep import SleepTask
 
     return [it.cost for it in SleepTask(count=count, ms=ms, dist=dist, sigma=sigma,
                                         seed=seed).discover()]

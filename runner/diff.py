@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from runner.rundir import RunDir
 from runner.tasks.base import ConfigError
 
 ABSENT = "<absent>"
@@ -80,7 +81,7 @@ def _json(path: Path) -> Any:
 
 
 def _config_of(run: Path) -> dict[str, Any]:
-    resolved = _yaml(run / "config.resolved.yaml")
+    resolved = _yaml(RunDir(run).resolved_config())
     if isinstance(resolved, dict):
         cfg = resolved
     else:
@@ -88,14 +89,14 @@ def _config_of(run: Path) -> dict[str, Any]:
 
         from runner.provenance import resolve_tolerant
 
-        cfg = resolve_tolerant(OmegaConf.load(run / ".hydra" / "config.yaml"), "", frozenset())
+        cfg = resolve_tolerant(OmegaConf.load(RunDir(run).hydra_config), "", frozenset())
     flat = flatten(cfg)
     return {k: v for k, v in flat.items() if not k.startswith(VOLATILE)}
 
 
 def _devices_of(run: Path, versions: dict[str, Any]) -> dict[str, Any]:
     out = dict(inventory=versions.get("inventory") or {})
-    plan = _yaml(run / "plan.yaml") or {}
+    plan = _yaml(RunDir(run).plan) or {}
     out["slots"] = [f"{s.get('device')} threads={s.get('threads')}" for s in plan.get("slots", [])]
     out["backend"] = plan.get("backend")
     return out
@@ -117,15 +118,17 @@ def _summary_of(summary: dict[str, Any]) -> dict[str, Any]:
 
 def read_run(path: Path) -> dict[str, dict[str, Any]]:
     """The four sections of one run dir (a section's file may be missing: empty section)."""
-    if not any((path / f).is_file() for f in (".hydra/config.yaml", "config.resolved.yaml")):
-        raise ConfigError(f"{path} is not a run dir (no .hydra/config.yaml); pass two run dirs "
+    rd = RunDir(path)
+    if not (rd.hydra_config.is_file() or rd.resolved_config().is_file()):
+        raise ConfigError(f"{path} is not a run dir (no {rd.hydra_config.relative_to(path)}); "
+                          f"pass two run dirs "
                           f"or sweep job dirs, two YAML files, or --compose 'A overrides' "
                           f"'B overrides'")
-    versions = _json(path / "versions.json") or {}
+    versions = _json(rd.versions) or {}
     kept = {k: v for k, v in versions.items() if k not in ("inventory", "command")}
     return {"config": _config_of(path), "versions": kept,
             "devices": _devices_of(path, versions),
-            "summary": _summary_of(_json(path / "summary.json") or {})}
+            "summary": _summary_of(_json(rd.summary) or {})}
 
 
 def diff_paths(a: Path, b: Path) -> dict[str, Any]:

@@ -28,48 +28,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
-import os
 import select
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from runner.devices import Slot
 from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, Ready, RungChanged,
                              SlotExhausted, StartFailed, Stop, WorkerSpec)
+from runner.processes import SignalCounter, exit_name, reap, spawn_environment
 from runner.supervisor import Supervisor
 from runner.worker import pipe_poller, worker_main
 
 log = logging.getLogger("runner")
-
-
-def exit_name(code: int | None) -> str:
-    """Exit code as people read it: SIGKILL for -9, 'exit 3' otherwise."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return signal.Signals(-code).name
-        return f"signal {-code}"
-    return f"exit {code}"
-
-
-@contextlib.contextmanager
-def spawn_environment(env: dict[str, str]):
-    """The slot's env and an ignored SIGINT, in place only while a child is spawned."""
-    saved = {k: os.environ.get(k) for k in env}
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        signal.signal(signal.SIGINT, old)
 
 
 @dataclass
@@ -88,28 +59,12 @@ class _Worker:
     #                     (LocalExecutor sets it; the Ray executor has no pipe and no _drain)
 
 
-@dataclass
-class Interrupts:
-    """SIGINT/SIGTERM counter; the handler only counts, the loop decides."""
-
-    count: int = 0
-    first_at: float = 0.0
-    signals: list = field(default_factory=list)
-
-    def handler(self, signum, frame) -> None:  # noqa: ARG002
-        self.count += 1
-        self.signals.append(signal.Signals(signum).name)
-        if self.count == 1:
-            self.first_at = time.monotonic()
-
-
 class LocalExecutor:
     """Spawns, feeds, watches and restarts the worker processes of a plan."""
 
-    def __init__(self, sup: Supervisor | None, make_spec: Callable[[Slot, int], WorkerSpec],
-                 max_restarts: int, grace_s: float, stop_timeout_s: float,
-                 start_timeout_s: float, prefetch: int):
-        self.sup = sup
+    def __init__(self, make_spec: Callable[[Slot, int], WorkerSpec], max_restarts: int,
+                 grace_s: float, stop_timeout_s: float, start_timeout_s: float, prefetch: int):
+        self.sup: Supervisor | None = None  # the ledger, given by run()
         self.make_spec = make_spec
         self.max_restarts = max_restarts
         self.grace_s = grace_s
@@ -122,7 +77,7 @@ class LocalExecutor:
         # max_restarts) as soon as there is, e.g. when another slot's death requeues items
         self.dormant: dict[int, tuple[Slot, int]] = {}
         self.restarts: dict[int, int] = {}
-        self.interrupts = Interrupts()
+        self.interrupts = SignalCounter()
         self.spawned_at = 0.0  # time.time() of the first spawn (start or run)
 
     # ---- process mechanics -------------------------------------------------------------
@@ -173,10 +128,10 @@ class LocalExecutor:
             self.workers.clear()
 
     # ---- the loop ----------------------------------------------------------------------
-    def run(self, slots: list[Slot]) -> None:
-        if self.sup is None:
-            raise RuntimeError("LocalExecutor.run: set .sup (the Supervisor) first")
-        old = {s: signal.signal(s, self.interrupts.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    def run(self, slots: list[Slot], sup: Supervisor) -> None:
+        """Run the plan's slots until the ledger has no work left, or a stop."""
+        self.sup = sup
+        self.interrupts.install()
         try:
             self.start(slots)
             self._loop()
@@ -186,8 +141,7 @@ class LocalExecutor:
                 self._drain(w)
                 self.sup.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
             self.workers.clear()
-            for s, h in old.items():
-                signal.signal(s, h)
+            self.interrupts.restore()
 
     def _loop(self) -> None:
         while True:
@@ -288,14 +242,8 @@ class LocalExecutor:
             log.warning("unknown message from %s: %r", w.slot.label, msg)
 
     def _reap(self, w: _Worker) -> int | None:
-        """Make sure a worker that looks dead is dead; its exit code."""
-        w.process.join(1.0)
-        if w.process.is_alive():  # pipe broke but the process lingers: make it a death
-            w.process.kill()
-            w.process.join(5.0)
-        with contextlib.suppress(OSError):
-            w.conn.close()
-        return w.process.exitcode
+        """A worker that looks dead (sentinel, broken pipe) made dead; its exit code."""
+        return reap(w.process, w.conn)
 
     def _died(self, w: _Worker, reason: str = "") -> None:
         code = self._reap(w)

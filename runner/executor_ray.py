@@ -128,18 +128,18 @@ def _temp_dir(run_dir: Path | None):
 
 
 class RayExecutor(LocalExecutor):
-    def __init__(self, sup, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
+    def __init__(self, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
                  prefetch, address: str | None = None, run_dir: Path | None = None):
-        super().__init__(sup, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
+        super().__init__(make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
                          prefetch)
         self.address = address
         self.run_dir = Path(run_dir) if run_dir else None
         self.refs: dict[Any, tuple[_Worker, Call | None]] = {}
 
     # ---- mechanics that differ ---------------------------------------------------------
-    def run(self, slots: list[Slot]) -> None:
+    def run(self, slots: list[Slot], sup) -> None:
         if ray.is_initialized():  # a caller's own Ray session: use it as it is
-            super().run(slots)
+            super().run(slots, sup)
             return
         with _temp_dir(None if self.address else self.run_dir) as temp:
             if self.address:
@@ -149,7 +149,7 @@ class RayExecutor(LocalExecutor):
                 ray.init(num_cpus=max(2, sum(s.threads for s in slots)), include_dashboard=False,
                          log_to_driver=False, _temp_dir=temp)
             try:
-                super().run(slots)
+                super().run(slots, sup)
             finally:
                 ray.shutdown()
 

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.tasks.base import BadInput
+from runner.errors import BadInput, one_line
 
 log = logging.getLogger(__name__)
 
 _AV_TIME_BASE = 1_000_000  # container.duration is in microseconds (FFmpeg's AV_TIME_BASE)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _open(path: Path):
@@ -34,7 +32,7 @@ def _open(path: Path):
     try:
         return av.open(str(path), mode="r")
     except (av.FFmpegError, UnicodeDecodeError, ValueError, OSError) as exc:
-        raise BadInput(f"{path}: unreadable media ({_one_line(exc)}); replace or remove it") from exc
+        raise BadInput(f"{path}: unreadable media ({one_line(exc)}); replace or remove it") from exc
 
 
 def duration(path: str | Path) -> float:
@@ -55,7 +53,7 @@ def duration(path: str | Path) -> float:
         if seconds <= 0:
             seconds = _duration_from_packets(container, stream)
     except av.FFmpegError as exc:
-        raise BadInput(f"{path}: unreadable media ({_one_line(exc)}); replace or remove it") from exc
+        raise BadInput(f"{path}: unreadable media ({one_line(exc)}); replace or remove it") from exc
     finally:
         container.close()
     if not seconds > 0:
@@ -97,7 +95,7 @@ def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
         for out in resampler.resample(None):  # flush
             chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as exc:
-        raise BadInput(f"{path}: cannot decode audio ({_one_line(exc)}); replace or remove it") from exc
+        raise BadInput(f"{path}: cannot decode audio ({one_line(exc)}); replace or remove it") from exc
     finally:
         container.close()
     if not chunks:

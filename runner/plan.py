@@ -1,16 +1,25 @@
 """The plan: pure data saying what a run will do, written as plan.yaml before it starts.
 
-``dry_run=true`` prints :meth:`Plan.render` and stops; nothing here imports torch.
+:func:`build` makes it from the run context and the journal (after discovery): it recovers
+the journal, lets the scheduler assign the work, and writes plan.yaml. ``dry_run=true``
+prints :meth:`Plan.render` and stops; nothing here imports torch.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
+from omegaconf import OmegaConf
 
 from runner.devices import Inventory, Slot
+from runner.journal import Journal
+from runner.rundir import atomic_write_text
+from runner.scheduler import Scheduler, page_size
 from runner.tasks.base import ModelRung
+
+if TYPE_CHECKING:
+    from runner.context import RunContext
 
 
 @dataclass(frozen=True)
@@ -85,14 +94,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def slot_plans(slots: list[Slot], chains: dict[str, list[ModelRung]],
-               load: dict[int, tuple[int, float]], extra_env: dict[str, str]) -> tuple[SlotPlan, ...]:
+def slot_plans(slots: Sequence[Slot], chains: dict[str, list[ModelRung]],
+               load: dict[int, tuple[int, float]]) -> tuple[SlotPlan, ...]:
     out = []
     for s in slots:
         first = next((r.name for r in chains[s.backend] if r.available), "none available")
         n, c = load.get(s.index, (None, None))
-        out.append(SlotPlan(s.index, s.label, s.backend, s.device_id, s.threads,
-                            {**s.env, **extra_env}, first, n, c))
+        out.append(SlotPlan(s.index, s.label, s.backend, s.device_id, s.threads, dict(s.env),
+                            first, n, c))
     return tuple(out)
 
 
@@ -104,3 +113,35 @@ def inventory_notes(inventory: Inventory | None) -> list[str]:
     if inventory is None:
         return ["dry run: devices were not probed; the plan shows what was asked for"]
     return [f"cpu: {inventory.cpu_cores} core(s)", *inventory.notes]
+
+
+def build(ctx: "RunContext", journal: Journal,
+          found: dict[str, int]) -> tuple[Scheduler, dict[int, tuple[int, float]], Plan]:
+    """After discovery: recover the journal (running -> pending), assign the work with the
+    chosen chunking, write plan.yaml. ``found``: intake's counts (repeats, renames, changes)."""
+    cfg = ctx.cfg
+    recovered = journal.recover(cfg.resume.retry_failed)
+    before = journal.counts()
+    sort_pages = bool(getattr(ctx.task, "sort_batches_by_cost", False))
+    scheduler = Scheduler(journal, cfg.chunking.strategy, len(ctx.slots), ctx.batch_size,
+                          page=page_size(ctx.batch_size, sort_pages), sort_pages=sort_pages,
+                          guided_tail=cfg.chunking.guided_tail)
+    load = scheduler.plan()
+    count, total_cost, longest = journal.todo_stats()
+    journal.commit()
+    plan = Plan(
+        task=ctx.task_cfg.get("name", ctx.task.name), target=ctx.task_cfg["_target_"],
+        input=str(ctx.task_cfg.get("input", "")), devices=cfg.devices.name,
+        backend=ctx.slots[0].backend, slots=slot_plans(ctx.slots, ctx.chains, load),
+        chain=chain_dict(ctx.chains), batch_size=ctx.batch_size,
+        chunking=cfg.chunking.strategy, prefetch=cfg.chunking.prefetch,
+        items={"count": count, "total_cost": total_cost, "longest_cost": longest,
+               "failed_at_discovery": before["failed"], "already_done": before["done"],
+               **recovered, **found},
+        checkpoint={"policy": cfg.checkpoint.policy, "max_attempts": cfg.checkpoint.max_attempts,
+                    "journal": str(ctx.rundir.journal) if journal.path else "in memory"},
+        executor=OmegaConf.to_container(cfg.executor), run_dir=str(ctx.rundir.root),
+        outputs=str(ctx.rundir.output(ctx.task.output_dir)), resume=dict(ctx.resume),
+        discovery=inventory_notes(ctx.inventory), warnings=list(ctx.warnings))
+    atomic_write_text(ctx.rundir.plan, plan.to_yaml())
+    return scheduler, load, plan

@@ -22,7 +22,11 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runner.context import RunContext
+    from runner.rundir import RunDir
 
 PACKAGES = ("torch", "sentence-transformers", "transformers", "tokenizers", "faster-whisper",
             "ctranslate2", "openai-whisper", "av", "numpy", "pyarrow", "hydra-core", "omegaconf",
@@ -63,8 +67,6 @@ def collect(inventory: Any, argv: list[str]) -> dict[str, Any]:
 
 
 # ---- the resolved config and rerun.sh ---------------------------------------------------------
-RESOLVED = "config.resolved.yaml"
-RERUN = "rerun.sh"
 # hydra overrides a rerun must not repeat: they pick this run's directory or mode
 _NOT_REPEATED = ("hydra.run.", "hydra.sweep.", "hydra.mode", "hydra.output_subdir",
                  "hydra.runtime.", "hydra.job.num", "hydra.job.id", "hydra/launcher",
@@ -171,15 +173,14 @@ def rerun_script(cfg: Any) -> str:
     ])
 
 
-def write_run_files(run_dir: Path, cfg: Any) -> None:
+def write_run_files(rundir: "RunDir", cfg: Any) -> None:
     """config.resolved.yaml and rerun.sh beside .hydra/ (a resume writes its resolved config
     into its own .hydra/resume-<time>/ and leaves the first run's files alone)."""
     from runner.rundir import atomic_write_text, current_umask
 
     resumed = bool(cfg.get("resume") and cfg.resume.get("run"))
-    target = run_dir
-    if resumed:  # Hydra just wrote this resume's files to the newest .hydra/resume-<time>/
-        target = max((run_dir / ".hydra").glob("resume-*"), default=run_dir / ".hydra")
+    # a resume: Hydra just wrote its files to the newest .hydra/resume-<time>/
+    resolved = rundir.resolved_config(latest_resume=resumed)
     try:
         text = resolved_config(cfg)
     except Exception as exc:  # never cost a run its start: keep the config as written
@@ -187,8 +188,23 @@ def write_run_files(run_dir: Path, cfg: Any) -> None:
 
         text = (f"# not fully resolved ({exc.__class__.__name__}: {' '.join(str(exc).split())})\n"
                 + OmegaConf.to_yaml(cfg))
-    atomic_write_text(target / RESOLVED, text)
+    atomic_write_text(resolved, text)
     if not resumed:
-        script = run_dir / RERUN
+        script = rundir.rerun
         atomic_write_text(script, rerun_script(cfg))
         script.chmod(0o777 & ~current_umask())  # executable, as the umask allows
+
+
+def record_start(ctx: "RunContext") -> None:
+    """When the run starts work: a line in resumes.jsonl for a resume; versions.json."""
+    import json
+
+    from runner.rundir import atomic_write_json
+
+    if ctx.resume:
+        with open(ctx.rundir.resumes, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(ctx.resume) + "\n")
+    inv = ctx.inventory
+    atomic_write_json(ctx.rundir.versions, collect(
+        {"cpu_cores": inv.cpu_cores, "cuda": inv.cuda, "xpu": inv.xpu, "nodes": inv.nodes,
+         "notes": inv.notes}, list(ctx.argv)))

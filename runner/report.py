@@ -1,12 +1,20 @@
-"""The report: summary.json, the summary table, and timeline.png (one lane per slot)."""
+"""The report: the run's outcome -- summary.json, the summary table, timeline.png (one lane
+per slot), the last words and the exit code (:func:`outcome`)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+import time
+from typing import TYPE_CHECKING, Any
 
+from runner.errors import ExitCode
 from runner.journal import Journal
 from runner.rundir import RunDir, atomic_path, atomic_write_json
-from runner.supervisor import SlotStats
+from runner.supervisor import SlotStats, Supervisor
+from runner.tasks.base import FinalizeContext
+
+if TYPE_CHECKING:
+    from runner.context import RunContext
 
 log = logging.getLogger("runner")
 
@@ -132,3 +140,41 @@ def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: fl
 
 def write(summary: dict[str, Any], rundir: RunDir) -> None:
     atomic_write_json(rundir.summary, summary)
+
+
+def outcome(ctx: "RunContext", journal: Journal, ledger: Supervisor, interrupted: bool,
+            wall: float, t0: float) -> ExitCode:
+    """Run-level outputs (the task's finalize), summary, timeline and the last words; the
+    exit code: all done, failed items (or items left: every slot lost), or interrupted."""
+    rundir = ctx.rundir
+    extra = ctx.task.finalize(FinalizeContext(rundir.root, journal.done_view()))
+    counts = journal.counts()
+    left = counts["pending"] + counts["running"]
+    if interrupted:
+        code, status = ExitCode.INTERRUPTED, "interrupted"
+    elif counts["failed"] or left:
+        code, status = ExitCode.FAILED, "finished with failed items" if not left else "slots lost"
+    else:
+        code, status = ExitCode.OK, "all done"
+    # The controller's own CPU time: on a CPU-only box it is taken from the workers' cores.
+    extra = {"task": extra, "controller_cpu_s": round(time.process_time(), 3)}
+    summary = summarize(ledger.stats, wall, counts, journal.failures(), extra, int(code),
+                        status, ledger.notes)
+    write(summary, rundir)
+    labels = {s.index: s.label for s in ctx.slots}
+    try:
+        timeline(journal, rundir, labels, t0 - 1)
+    except Exception as exc:  # a plot must never cost the run its exit code
+        log.warning("%s not written: %s", rundir.timeline.name, exc)
+    print(print_table(summary))
+    resume = ctx.resume_command
+    if interrupted:
+        print(f"runner: interrupted; {left} item(s) not done. Resume with: {resume}",
+              file=sys.stderr)
+    elif left:
+        print(f"runner: every worker slot was lost; {left} item(s) not done (journal intact). "
+              f"See {rundir.logs}; resume with: {resume}", file=sys.stderr)
+    elif counts["failed"]:
+        print(f"runner: {counts['failed']} item(s) failed (errors in {rundir.errors}); "
+              f"retry them with: {resume} resume.retry_failed=true", file=sys.stderr)
+    return code

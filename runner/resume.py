@@ -17,9 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runner.rundir import RunDir
 from runner.tasks.base import ConfigError
 
-JOURNAL = "journal.sqlite"
 
 
 class RunDirResolver:
@@ -52,20 +52,21 @@ class RunDirResolver:
 def output_subdir(resume: str | None) -> str:
     if resume in (None, "", "None", "null"):
         return ".hydra"
-    return f".hydra/resume-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+    return RunDir.resume_hydra_subdir(datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f'))
 
 
 def find_run(outputs: str, task: str, resume: str) -> Path:
     if resume == "latest":
         root = Path(outputs) / task
-        runs = sorted(p.parent for p in root.glob(f"*/{JOURNAL}")) if root.is_dir() else []
+        runs = sorted(p.parent for p in root.glob(f"*/{RunDir(root).journal.name}")
+                      ) if root.is_dir() else []
         if not runs:
             raise ConfigError(f"resume=latest: no run of task={task} with a journal under "
                               f"{root}/ (start one without resume=, or pass resume=<run dir>)")
         return runs[-1]
     path = Path(resume).expanduser()
-    if not (path / JOURNAL).is_file():
-        raise ConfigError(f"resume={resume}: no {JOURNAL} there; pass a run dir made with "
+    if not RunDir(path).journal.is_file():
+        raise ConfigError(f"resume={resume}: no {RunDir(path).journal.name} there; pass a run dir made with "
                           f"checkpoint=resume (or resume=latest)")
     return path
 

@@ -14,7 +14,13 @@ user's programs make would have (0666 & ~umask; folders 0777 & ~umask), not mkst
       versions.json                RunDir.versions
       logs/worker-<slot>.log       RunDir.worker_log(slot)
       logs/errors/<name>.json      RunDir.error_file(name): the item's journal name
-      <task output dir>/...        RunDir.output(task.output_dir, relative)
+      task.json, resumes.jsonl     RunDir.task_config, RunDir.resumes
+      config.resolved.yaml, rerun.sh   RunDir.resolved_config(), RunDir.rerun
+      .hydra/, .hydra/resume-<time>/   RunDir.hydra_dir, RunDir.resume_hydra_dirs()
+      runner.log                   RunDir.runner_log (written by Hydra's job logging)
+      <task output dir>/...        RunDir.output(task.output_dir)
+
+A sweep directory's names: :class:`SweepDir` (sweep.json, sweep.md, console.log per job).
 """
 from __future__ import annotations
 
@@ -139,8 +145,39 @@ class RunDir:
         return self.root / "versions.json"
 
     @property
+    def hydra_dir(self) -> Path:
+        """Hydra's own files of the first run (config.yaml, hydra.yaml, overrides.yaml)."""
+        return self.root / ".hydra"
+
+    @property
     def hydra_config(self) -> Path:
-        return self.root / ".hydra" / "config.yaml"
+        return self.hydra_dir / "config.yaml"
+
+    @staticmethod
+    def resume_hydra_subdir(stamp: str) -> str:
+        """Where Hydra writes its files for one resume, relative to the run dir."""
+        return f".hydra/resume-{stamp}"
+
+    def resume_hydra_dirs(self) -> list[Path]:
+        """Hydra's files of each resume, oldest first."""
+        return sorted(self.hydra_dir.glob("resume-*"))
+
+    def resolved_config(self, latest_resume: bool = False) -> Path:
+        """config.resolved.yaml: every interpolation resolved, hydra section included; a
+        resume's own goes into its .hydra/resume-<time>/."""
+        if latest_resume:
+            return (self.resume_hydra_dirs() or [self.hydra_dir])[-1] / "config.resolved.yaml"
+        return self.root / "config.resolved.yaml"
+
+    @property
+    def rerun(self) -> Path:
+        """rerun.sh: re-runs exactly this job as a new run."""
+        return self.root / "rerun.sh"
+
+    @property
+    def runner_log(self) -> Path:
+        """The controller's log (Hydra's job logging writes it)."""
+        return self.root / "runner.log"
 
     @property
     def task_config(self) -> Path:
@@ -156,6 +193,11 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def errors(self) -> Path:
+        """logs/errors/: one <name>.json per failed item."""
+        return self.logs / "errors"
+
     def worker_log(self, slot: int) -> Path:
         return self.logs / f"worker-{slot}.log"
 
@@ -166,7 +208,7 @@ class RunDir:
 
     def error_file(self, name: str) -> Path:
         """``name``: the item's journal name (unique, safe; see runner.names)."""
-        return self.logs / "errors" / f"{names.flat(name)}.json"
+        return self.errors / f"{names.flat(name)}.json"
 
     def output(self, output_dir: str) -> Path:
         return self.root / output_dir
@@ -175,5 +217,36 @@ class RunDir:
         return str(Path(path).resolve().relative_to(self.root.resolve()))
 
     def make(self) -> "RunDir":
-        (self.logs / "errors").mkdir(parents=True, exist_ok=True)
+        self.errors.mkdir(parents=True, exist_ok=True)
         return self
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """Every path of one sweep directory (``-m``): one sub-directory per job (a run dir)."""
+
+    root: Path
+
+    @property
+    def json(self) -> Path:
+        """sweep.json: one record per job; what a resume of the sweep reads."""
+        return self.root / "sweep.json"
+
+    @property
+    def md(self) -> Path:
+        """sweep.md: the same as a table."""
+        return self.root / "sweep.md"
+
+    @property
+    def multirun(self) -> Path:
+        """Hydra's own multirun.yaml."""
+        return self.root / "multirun.yaml"
+
+    def multirun_of_resume(self, stamp: str) -> Path:
+        """A resume's multirun.yaml, moved here from the fresh dir Hydra made for it."""
+        return self.root / f"multirun.resume-{stamp}.yaml"
+
+    @staticmethod
+    def console_log(job_dir: str | Path) -> Path:
+        """A job's stdout and stderr (the launcher sends them there)."""
+        return Path(job_dir) / "console.log"

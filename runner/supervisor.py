@@ -11,11 +11,9 @@ report events here; this module owns the consequences, identically for every exe
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from dataclasses import dataclass, field
 from runner.devices import Slot
 from runner.journal import Journal
 from runner.messages import BatchDone, Call, ItemDone, ItemFailed, Ready, RungChanged
+from runner.processes import exit_name
 from runner.progress import Progress
 from runner.rundir import RunDir, atomic_write_json
 from runner.scheduler import Scheduler
@@ -48,16 +47,6 @@ class SlotStats:
     rungs: list = field(default_factory=list)  # OOM ladder moves: (model, batch, reason)
     last_chunk: tuple = ()
 
-
-def exit_label(code: int | None) -> str | None:
-    """A worker's exit code as people read it: SIGKILL for -9, 'exit 3' otherwise."""
-    if code is None:
-        return None
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return signal.Signals(-code).name
-        return f"signal {-code}"
-    return f"exit {code}"
 
 
 class Supervisor:
@@ -174,7 +163,7 @@ class Supervisor:
         atomic_write_json(self.rundir.error_file(self.journal.name_of(item_id)), {
             "item": item_id, "device": self.labels[slot], "slot": slot, "pid": pid,
             "attempt": attempt, "max_attempts": self.max_attempts, "exit_code": exit_code,
-            "exit": exit_label(exit_code),
+            "exit": exit_name(exit_code) if exit_code is not None else None,
             "error": error, "traceback": tb or None, "time": now,
         })
         self.stats[slot].failed += 1

@@ -23,10 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from runner.rundir import atomic_write_json, atomic_write_text
+from runner.rundir import RunDir, SweepDir, atomic_write_json, atomic_write_text
 
-SWEEP_JSON = "sweep.json"
-SWEEP_MD = "sweep.md"
 
 
 class JobState(str, Enum):
@@ -117,7 +115,7 @@ def params(record: JobRecord, keys: Sequence[str]) -> dict[str, str]:
 
 def _summary(job_dir: str) -> dict[str, Any]:
     try:
-        return json.loads((Path(job_dir) / "summary.json").read_text())
+        return json.loads(RunDir(Path(job_dir)).summary.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -205,14 +203,14 @@ def write(sweep_dir: Path, records: Sequence[JobRecord], task: Optional[str],
           extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Write sweep.json and sweep.md atomically; return the document."""
     doc = build(records, task, sweep_dir, extra)
-    atomic_write_json(Path(sweep_dir) / SWEEP_JSON, doc)
-    atomic_write_text(Path(sweep_dir) / SWEEP_MD, render(doc))
+    atomic_write_json(SweepDir(Path(sweep_dir)).json, doc)
+    atomic_write_text(SweepDir(Path(sweep_dir)).md, render(doc))
     return doc
 
 
 def load(sweep_dir: Path) -> Optional[dict[str, Any]]:
     try:
-        return json.loads((Path(sweep_dir) / SWEEP_JSON).read_text())
+        return json.loads(SweepDir(Path(sweep_dir)).json.read_text())
     except (OSError, ValueError):
         return None
 

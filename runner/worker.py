@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.devices import MASK_VARIABLE
+from runner.errors import describe
 from runner.messages import (BatchDone, Call, ChunkDone, ItemDone, ItemFailed, Ready, RungChanged,
                              SlotExhausted, StartFailed, Stop, WorkerSpec)
 from runner.oom import free_memory, is_oom
-from runner.tasks.base import BadInput, Item, WriteContext
+from runner.tasks.base import BadInput, Item, WriteContext, instantiate_task
 
 
 def identity_line(spec: WorkerSpec) -> str:
@@ -62,10 +63,6 @@ def _logger(spec: WorkerSpec) -> logging.Logger:
     log.setLevel(logging.INFO)
     return log
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return f"{exc.__class__.__name__}: {text}"[:500]
 
 
 class _Ladder:
@@ -95,7 +92,7 @@ class _Ladder:
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                self.log.warning("out of memory loading %s (%s): next model", rung.name, _one_line(exc))
+                self.log.warning("out of memory loading %s (%s): next model", rung.name, describe(exc))
                 skipped.append(rung.name)
                 free_memory(self.spec.slot.torch_device)
                 continue
@@ -136,7 +133,7 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
         except Exception as exc:
             if is_oom(exc):
                 log.warning("out of memory on batch of %d with %s: %s", len(chunk), ladder.name,
-                            _one_line(exc))
+                            describe(exc))
                 free_memory(slot.torch_device)
                 if ladder.shrink():
                     continue
@@ -154,12 +151,12 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
                 conn.send(SlotExhausted(slot.index, error))
                 return False
             if len(chunk) > 1:  # find the bad one: retry these items one by one
-                log.warning("batch of %d failed (%s); retrying one by one", len(chunk), _one_line(exc))
+                log.warning("batch of %d failed (%s); retrying one by one", len(chunk), describe(exc))
                 single_until = i + len(chunk)
                 continue
             tb = traceback.format_exc()
-            log.error("item %s failed: %s\n%s", chunk[0].id, _one_line(exc), tb)
-            conn.send(ItemFailed(slot.index, call.batch_no, chunk[0].id, _one_line(exc), tb,
+            log.error("item %s failed: %s\n%s", chunk[0].id, describe(exc), tb)
+            conn.send(ItemFailed(slot.index, call.batch_no, chunk[0].id, describe(exc), tb,
                                  isinstance(exc, BadInput), ladder.name, started, time.time()))
             i += 1
             continue
@@ -185,40 +182,6 @@ def _seed(seed: int) -> None:
             (mod.random.seed if name == "numpy" else mod.manual_seed)(seed)
 
 
-def _has_target(value: Any) -> bool:
-    if isinstance(value, dict):
-        return "_target_" in value or any(_has_target(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_target(v) for v in value)
-    return False
-
-
-def instantiate_task(config: dict) -> Any:
-    """The task object from its (resolved, plain) config.
-
-    A flat config -- ``_target_`` naming ``module.Class`` plus plain fields, what every
-    task group is -- is a plain import and call: importing hydra costs a worker ~0.2 s of
-    CPU, most of a light task's start-up (8 workers on 2 cores: ~1.5 s). Anything else
-    (nested ``_target_``, ``_partial_``, ``_args_``, a target that is not module.attr) goes
-    through hydra's instantiate as before.
-    """
-    import importlib
-
-    target = config.get("_target_")
-    plain = (isinstance(target, str) and "." in target
-             and not any(k.startswith("_") and k != "_target_" for k in config)
-             and not any(_has_target(v) for k, v in config.items() if k != "_target_"))
-    if plain:
-        module, _, name = target.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            cls = None  # e.g. a nested attribute path: hydra resolves (or explains) it
-        if cls is not None:
-            return cls(**{k: v for k, v in config.items() if k != "_target_"})
-    from hydra.utils import instantiate
-
-    return instantiate(config, _convert_="all")
 
 
 def start_worker(spec: WorkerSpec, conn: Any) -> tuple[_Ladder, logging.Logger] | None:
@@ -246,8 +209,8 @@ def start_worker(spec: WorkerSpec, conn: Any) -> tuple[_Ladder, logging.Logger] 
         conn.send(Ready(spec.slot.index, os.getpid(), identity_line(spec), ladder.name, load_s))
         return ladder, log
     except Exception as exc:
-        log.error("could not start: %s\n%s", _one_line(exc), traceback.format_exc())
-        conn.send(StartFailed(spec.slot.index, _one_line(exc), traceback.format_exc()))
+        log.error("could not start: %s\n%s", describe(exc), traceback.format_exc())
+        conn.send(StartFailed(spec.slot.index, describe(exc), traceback.format_exc()))
         return None
 
 

@@ -1,4 +1,6 @@
-"""The journal on its own: item states and their legal moves, recover(), paging, durability.
+"""Layer: unit (real SQLite files); one case SIGKILLs a real child process.
+
+The journal on its own: item states and their legal moves, recover(), paging, durability.
 
 Real SQLite files in tmp_path; the one process test SIGKILLs a real child mid-run.
 """
@@ -66,7 +68,7 @@ def _put(j: Journal, item_id: str, state: ItemStatus) -> None:
 
 MOVES = {
     S.RUNNING: lambda j, i: j.mark_running(i, 1, "cpu:1", 3.0),
-    S.DONE: lambda j, i: j.mark_done(i, "x", "m", 1, 3.0, 4.0),
+    S.DONE: lambda j, i: j.mark_done(i, f"x/{i}", "m", 1, 3.0, 4.0),  # one output each
     S.FAILED: lambda j, i: j.mark_failed(i, "again", 4.0),
     S.PENDING: lambda j, i: j.mark_pending(i, error="requeued"),
 }

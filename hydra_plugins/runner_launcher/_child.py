@@ -27,12 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobStatus, run_job, setup_globals
 
-CONSOLE_LOG = "console.log"
-
-
-def one_line(exc: Any) -> str:
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
+from runner.errors import describe
+from runner.rundir import SweepDir
 
 
 def _die_with_parent() -> None:
@@ -45,7 +41,7 @@ def _die_with_parent() -> None:
 
 def _redirect(job_dir: str) -> None:
     Path(job_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(Path(job_dir) / CONSOLE_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(str(SweepDir.console_log(job_dir)), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -78,7 +74,7 @@ def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None
     try:
         data = cloudpickle.dumps(ret)
     except Exception as exc:  # an unpicklable return value: keep the rest of the JobReturn
-        ret._return_value = RuntimeError(f"return value not picklable: {one_line(exc)}")
+        ret._return_value = RuntimeError(f"return value not picklable: {describe(exc, 300)}")
         ret.status = JobStatus.FAILED
         data = cloudpickle.dumps(ret)
     conn.send_bytes(data)

@@ -32,9 +32,8 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -48,13 +47,14 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.runner_launcher import _live, _pool, _resume
-from hydra_plugins.runner_launcher._child import CONSOLE_LOG, job_main, one_line
+from hydra_plugins.runner_launcher._child import job_main
 from runner import sweep as sweep_mod
-from runner.executor import exit_name, spawn_environment
+from runner.errors import ExitCode, describe
+from runner.processes import SignalCounter, exit_name, reap, spawn_environment
+from runner.rundir import SweepDir
 from runner.sweep import JobRecord, JobState
 
 log = logging.getLogger(__name__)
-EXIT_MEANING = {1: "could not start", 3: "items failed", 130: "interrupted"}  # runner's codes
 
 
 class JobFailed(CompactHydraException):
@@ -74,24 +74,6 @@ class _Job:
     data: Optional[bytes] = None  # the pickled JobReturn, once received
     eof: bool = False  # the pipe closed (with or without a result)
 
-
-@dataclass
-class _Signals:
-    count: int = 0
-    handled: int = 0
-    old: dict = field(default_factory=dict)
-
-    def handler(self, signum, frame) -> None:  # noqa: ARG002
-        self.count += 1
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, self.handler)
-
-    def restore(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
 
 
 # ---- parent -------------------------------------------------------------------------------
@@ -203,7 +185,7 @@ class _Loop:
         self.running: dict[int, _Job] = {}
         self.stop_reason = ""
         self.next_start = 0.0
-        self.signals = _Signals()
+        self.signals = SignalCounter()
         self.live = _live.LiveView(launcher.live, launcher.live_every_s)
         self.view = [j.record for j in jobs]
         self.keys = sweep_mod.varying_keys(self.view)
@@ -310,12 +292,7 @@ class _Loop:
             job.eof = True
 
     def _finish(self, job: _Job) -> None:
-        job.process.join(5)
-        if job.process.is_alive():  # the sentinel fired, so this is a zombie-in-waiting
-            job.process.kill()
-            job.process.join(5)
-        with contextlib.suppress(OSError):
-            job.conn.close()
+        reap(job.process, job.conn, wait_s=5.0)  # the sentinel fired: a zombie-in-waiting
         r = job.record
         self.running.pop(r.num, None)
         self.free.append(job.lease)
@@ -334,20 +311,19 @@ class _Loop:
                                f"ended with {exit_name(job.process.exitcode)} before returning")
             r.state, r.reason = JobState.FAILED, why
             job.ret = _failed_return(job, f"job {r.num} ({' '.join(r.overrides)}) {why}; "
-                                          f"see {Path(r.dir) / CONSOLE_LOG}")
+                                          f"see {SweepDir.console_log(r.dir)}")
         elif ret.status == JobStatus.COMPLETED:
             value = ret._return_value
             code = value if isinstance(value, int) and not isinstance(value, bool) else None
             r.exit_code = code
             r.state = JobState.OK if not code else JobState.FAILED
-            r.reason = "" if not code else f"exit {code}" + (
-                f" ({EXIT_MEANING[code]})" if code in EXIT_MEANING else "")
+            r.reason = "" if not code else ExitCode.describe(code)
             job.ret = ret
         else:
             exc = ret._return_value
-            r.state, r.reason = JobState.FAILED, one_line(exc)
-            err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {one_line(exc)}; "
-                            f"traceback in {Path(r.dir) / CONSOLE_LOG} and the job's log")
+            r.state, r.reason = JobState.FAILED, describe(exc, 300)
+            err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {describe(exc, 300)}; "
+                            f"traceback in {SweepDir.console_log(r.dir)} and the job's log")
             err.__cause__ = exc if isinstance(exc, BaseException) else None
             ret._return_value = err
             job.ret = ret
@@ -356,7 +332,7 @@ class _Loop:
                               f" ({r.dir})")
             if self.l.fail_fast and not self.stop_reason:
                 self.stop_reason = f"fail_fast: job {r.num} failed"
-                self.live.message(f"runner launcher: fail_fast: no more jobs are started")
+                self.live.message("runner launcher: fail_fast: no more jobs are started")
         self.record_sweep()
         self.live.update(self.view, self.keys, force=True)
 

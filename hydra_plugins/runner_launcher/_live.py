@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+from runner.rundir import RunDir
 from runner.sweep import JobRecord, JobState, split_override
 
 
 def items_done(job_dir: str) -> Optional[tuple[int, int]]:
     """(done, total) for a runner job dir, or None when it has no journal (yet)."""
-    summary = Path(job_dir) / "summary.json"
+    summary = RunDir(Path(job_dir)).summary
     if summary.is_file():
         try:
             s = json.loads(summary.read_text())
@@ -27,7 +28,7 @@ def items_done(job_dir: str) -> Optional[tuple[int, int]]:
             return int(s.get("items_done", 0)), int(sum(counts.values()) or 0)
         except (OSError, ValueError, TypeError):
             pass
-    path = Path(job_dir) / "journal.sqlite"
+    path = RunDir(Path(job_dir)).journal
     if not path.is_file():
         return None
     try:

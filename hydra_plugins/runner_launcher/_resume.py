@@ -49,9 +49,9 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import sweep as sweep_mod
+from runner.rundir import RunDir, SweepDir
 from runner.sweep import JobRecord, JobState
 
-JOURNAL, TASK_JSON = "journal.sqlite", "task.json"
 
 
 class SweepError(CompactHydraException):
@@ -87,16 +87,16 @@ def find_sweep(config: DictConfig, value: str) -> Path:
     here = Path(str(config.hydra.sweep.dir)).absolute()
     if value != "latest":
         path = Path(value).expanduser().absolute()
-        if not (path / sweep_mod.SWEEP_JSON).is_file():
-            raise SweepError(f"resume={value} with -m: no {sweep_mod.SWEEP_JSON} there; pass a "
+        if not SweepDir(path).json.is_file():
+            raise SweepError(f"resume={value} with -m: no {SweepDir(path).json.name} there; pass a "
                              f"sweep dir made by hydra/launcher=runner, or resume=latest")
         return path
-    if (here / sweep_mod.SWEEP_JSON).is_file():
+    if SweepDir(here).json.is_file():
         return here
     root = here.parent
-    found = sorted(p.parent for p in root.glob(f"*/{sweep_mod.SWEEP_JSON}") if p.parent != here)
+    found = sorted(p.parent for p in root.glob(f"*/{SweepDir(root).json.name}") if p.parent != here)
     if not found:
-        raise SweepError(f"resume=latest with -m: no sweep with a {sweep_mod.SWEEP_JSON} under "
+        raise SweepError(f"resume=latest with -m: no sweep with a {SweepDir(root).json.name} under "
                          f"{root}/ (start the sweep without resume=, or pass resume=<sweep dir>)")
     return found[-1]
 
@@ -138,7 +138,7 @@ def job_overrides(old: JobRecord, overrides: Sequence[str]) -> list[str]:
     """The rerun job's overrides: its own, with resume.run pointing at its own journal."""
     out = [o for o in overrides if sweep_mod.split_override(o)[0] != "resume.run"]
     d = Path(old.dir)
-    if (d / JOURNAL).is_file() and (d / TASK_JSON).is_file():
+    if RunDir(d).journal.is_file() and RunDir(d).task_config.is_file():
         out.append("resume.run=" + _quote(str(d)))
     return out
 
@@ -164,7 +164,7 @@ def kept_return(old: JobRecord, overrides: Sequence[str]) -> JobReturn:
 def drop_fresh_dir(config: DictConfig) -> None:
     """A refused resume leaves no trace: remove the fresh dir if it holds only multirun.yaml."""
     fresh = Path(str(config.hydra.sweep.dir)).absolute()
-    if fresh.is_dir() and {p.name for p in fresh.iterdir()} <= {"multirun.yaml"}:
+    if fresh.is_dir() and {p.name for p in fresh.iterdir()} <= {SweepDir(fresh).multirun.name}:
         shutil.rmtree(fresh, ignore_errors=True)
 
 
@@ -174,9 +174,9 @@ def adopt_fresh_dir(config: DictConfig, old_sweep: Path) -> None:
     if fresh == old_sweep.absolute() or not fresh.is_dir():
         return
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    multirun = fresh / "multirun.yaml"
+    multirun = SweepDir(fresh).multirun
     if multirun.is_file():
-        shutil.move(str(multirun), str(old_sweep / f"multirun.resume-{stamp}.yaml"))
+        shutil.move(str(multirun), str(SweepDir(old_sweep).multirun_of_resume(stamp)))
     try:
         fresh.rmdir()
     except OSError:  # something else is in it: leave it alone

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from runner import names
+from runner.errors import one_line
 from runner.rundir import atomic_path, atomic_write_json
 from runner.tasks.base import (ON_DUPLICATE, BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task,
                                TaskConfig, WriteContext)
@@ -178,7 +179,7 @@ class EmbedTask(Task):
                 return TokenCounter(folder)
             except Exception as exc:  # a cost estimate must never stop a run
                 log.warning("embed: cannot count tokens with %s (%s); item costs are characters",
-                            folder, " ".join(str(exc).split())[:200])
+                            folder, one_line(exc, 200))
                 return None
         return None
 

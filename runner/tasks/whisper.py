@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.tasks.base import BadInput, ModelRung
+from runner.errors import BadInput, one_line
+from runner.tasks.base import ModelRung
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def resolve(name: str, backend: str, language: str = "en") -> ModelRung:
     try:
         return _resolve(name, backend, language)
     except Exception as exc:  # resolution must report, not crash the plan
-        return ModelRung(name, name, False, f"{name}: resolution failed ({_one_line(exc)})")
+        return ModelRung(name, name, False, f"{name}: resolution failed ({one_line(exc, 300)})")
 
 
 def _resolve(name: str, backend: str, language: str) -> ModelRung:
@@ -268,8 +269,6 @@ def _oa_cached(name: str) -> tuple[Path | None, str]:
     return None, f"{path} not found (no downloads are made; put the .pt there or give a path)"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 # ---- backends (worker side) ----------------------------------------------------------

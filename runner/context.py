@@ -1,0 +1,130 @@
+"""The run context: what one job carries from Hydra's composed config to its report.
+
+:func:`prepare` turns the composed config into a :class:`RunContext` -- the run dir, the task,
+the devices and their worker slots, the model chain per backend, the batch size, whether
+this is a resume -- checking every setting on the way (a ConfigError names the one that
+cannot work). Nothing here imports torch or creates a GPU context. The app then hands this
+one frozen object to discovery, planning, the executor and the report, instead of relaying
+a dozen arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner import config as config_mod
+from runner import devices as devices_mod
+from runner import provenance, resume as resume_mod
+from runner.devices import Inventory, Slot
+from runner.errors import ConfigError
+from runner.messages import WorkerSpec
+from runner.rundir import RunDir, atomic_write_json
+from runner.tasks.base import ModelRung, Task, instantiate_task
+
+log = logging.getLogger("runner")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One job, resolved: everything the steps after composition need."""
+
+    cfg: DictConfig  # the composed config (validated)
+    argv: tuple[str, ...]  # the command line, for versions.json
+    overrides: tuple[str, ...]  # Hydra's task overrides, for the resume command
+    rundir: RunDir
+    task: Task  # instantiated in the controller (check, discover, model_chain, finalize)
+    task_cfg: dict  # the task group, resolved: what every worker instantiates again
+    inventory: Inventory | None  # the devices found (None: a dry run did not probe)
+    slots: tuple[Slot, ...]  # one per worker, each with its full environment (task's included)
+    chains: dict[str, list[ModelRung]]  # backend -> the fallback chain as resolved there
+    warnings: tuple[str, ...]  # models skipped, and why
+    batch_size: int
+    resume: dict  # {} for a new run; when, overrides, retry_failed for a resume
+
+    def spec(self, slot: Slot, incarnation: int) -> WorkerSpec:
+        """What the worker of ``slot`` is spawned with."""
+        return WorkerSpec(slot, incarnation, self.task_cfg, tuple(self.chains[slot.backend]),
+                          self.batch_size, str(self.rundir.root),
+                          str(self.rundir.worker_log(slot.index)), self.cfg.seed)
+
+    @property
+    def resume_command(self) -> str:
+        """The command that resumes this run (printed when it stops early)."""
+        return " ".join(["python -m runner",
+                         *[shlex.quote(a) for a in self.overrides if not a.startswith("resume")],
+                         f"resume={shlex.quote(str(self.rundir.root))}"])
+
+
+def _backends_to_probe(backend: str) -> tuple[str, ...]:
+    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}.get(backend, ())
+
+
+def _inventory(cfg: DictConfig) -> Inventory | None:
+    if cfg.dry_run and cfg.devices.backend == "auto" and cfg.devices.ids is None:
+        # auto must plan what a real run would get: nvidia-smi looks without importing
+        # torch; the XPU probe needs torch (in a subprocess), so a dry run skips it.
+        found = devices_mod.discover(("cuda",))
+        return dataclasses.replace(found, notes=found.notes + (
+            "xpu: not probed in a dry run (the probe imports torch in a subprocess)",))
+    if cfg.dry_run:
+        return None
+    if cfg.executor.kind == "ray" and cfg.executor.address:
+        from runner.executor_ray import cluster_inventory  # slots from the cluster's resources
+
+        return cluster_inventory(cfg.executor.address)
+    return devices_mod.discover(_backends_to_probe(cfg.devices.backend))
+
+
+def _chains(task: Task, backends: list[str]) -> tuple[dict[str, list[ModelRung]], tuple[str, ...]]:
+    chains = {b: task.model_chain(b) for b in backends}
+    warnings = tuple(f"model {r.name} skipped on {b}: {r.reason}"
+                     for b, rungs in chains.items() for r in rungs if not r.available)
+    for w in warnings:
+        log.warning(w)
+    for b, rungs in chains.items():
+        if not any(r.available for r in rungs):
+            raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
+                              f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
+    return chains, warnings
+
+
+def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
+    """Check the config, make the run dir, the task, the slots and the model chains."""
+    config_mod.validate(cfg)
+    if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
+                          "or use executor=local")
+    hydra_cfg = HydraConfig.get()
+    rundir = RunDir(Path(hydra_cfg.runtime.output_dir)).make()
+    provenance.write_run_files(rundir, cfg)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task = instantiate_task(task_cfg)
+    inventory = _inventory(cfg)
+    slots = devices_mod.make_slots(cfg.devices, inventory)
+    backends = sorted({s.backend for s in slots})
+    task.check(frozenset(backends))
+    chains, warnings = _chains(task, backends)
+    extra_env = task.worker_env()  # the task's own variables join every slot's, once
+    slots = tuple(dataclasses.replace(s, env={**s.env, **extra_env}) for s in slots)
+    resume: dict[str, Any] = {}
+    if cfg.resume.run:
+        old = json.loads(rundir.task_config.read_text())
+        resume_mod.check_compatible(old, task_cfg, tuple(task.resume_safe_keys))
+        resume = {"resumed": str(rundir.root), "time": time.time(),
+                  "overrides": list(hydra_cfg.overrides.task),
+                  "retry_failed": cfg.resume.retry_failed}
+    elif not cfg.dry_run:
+        atomic_write_json(rundir.task_config, task_cfg)
+    return RunContext(cfg, tuple(argv), tuple(hydra_cfg.overrides.task), rundir, task, task_cfg,
+                      inventory, slots, chains, warnings,
+                      cfg.batch_size or getattr(task, "default_batch_size", 1), resume)

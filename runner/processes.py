@@ -1,0 +1,89 @@
+"""Process helpers shared by the executor (one process per device slot) and the sweep
+launcher (one process per job): the environment a child is spawned with, the signal
+counter, reaping, and exit codes as people read them.
+
+* :func:`spawn_environment` -- a child's variables (device mask, threads) and an ignored
+  SIGINT are in place only while it is spawned, so the child never sets them itself and a
+  Ctrl-C reaches only the parent, which decides.
+* :class:`SignalCounter` -- the handler only counts; the parent's loop decides.
+* :func:`reap` -- a child that looks dead is made dead and its pipe closed; its exit code.
+* :func:`exit_name` -- ``SIGKILL`` for -9, ``exit 3`` otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+def exit_name(code: int | None) -> str:
+    """A process's exit code as people read it: SIGKILL for -9, 'exit 3' otherwise."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal {-code}"
+    return f"exit {code}"
+
+
+@contextlib.contextmanager
+def spawn_environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` and an ignored SIGINT, in place only while a child is spawned."""
+    saved = {k: os.environ.get(k) for k in env}
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        signal.signal(signal.SIGINT, old)
+
+
+@dataclass
+class SignalCounter:
+    """SIGINT/SIGTERM counter: the handler only counts, the loop decides."""
+
+    count: int = 0
+    handled: int = 0  # how many of them the loop has acted on
+    first_at: float = 0.0  # time.monotonic() of the first
+    signals: list = field(default_factory=list)  # their names, in order
+    _old: dict = field(default_factory=dict)
+
+    def handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1:
+            self.first_at = time.monotonic()
+
+    def install(self, which: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Count ``which`` from now on (only the main thread may set handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in which:
+                self._old[s] = signal.signal(s, self.handler)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+def reap(process: Any, conn: Any = None, wait_s: float = 1.0) -> int | None:
+    """Make sure a child that looks dead (its sentinel fired, its pipe broke) is dead: join
+    for ``wait_s``, kill it if it lingers, close its pipe. Its exit code."""
+    process.join(wait_s)
+    if process.is_alive():
+        process.kill()
+        process.join(5.0)
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.close()
+    return process.exitcode
