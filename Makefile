@@ -7,8 +7,11 @@ setup:
 run: setup
 	.venv/bin/python -m runner
 
+# the suite's wall time on the last line; make's exit status stays pytest's
 test: setup
-	.venv/bin/python -m pytest -q
+	@echo .venv/bin/python -m pytest -q; start=$$(date +%s); \
+	.venv/bin/python -m pytest -q; status=$$?; \
+	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$status
 
 bench: setup
 	.venv/bin/python bench/bench_embed.py && .venv/bin/python bench/bench_scheduling.py

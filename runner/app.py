@@ -4,7 +4,7 @@
       -> prepare: the RunContext            runner/context.py (run dir, task, slots, chains)
       -> discover: items into the journal   runner/intake.py (names, repeats, changed inputs)
       -> plan: plan.yaml (dry_run stops)    runner/plan.py
-      -> execute: a process per slot        runner/executor.py + the ledger (supervisor.py)
+      -> execute: a process per slot        runner/executor.py + the ledger (ledger.py)
       -> report: summary, timeline, code    runner/report.py
 
 A new local run spawns its workers before discovery (they boot and load their models while
@@ -32,7 +32,7 @@ from runner.progress import make_progress
 from runner.report import outcome
 from runner.rundir import atomic_write_json, remove_stale_temps
 from runner.scheduler import Scheduler
-from runner.supervisor import Supervisor
+from runner.ledger import Ledger
 
 log = logging.getLogger("runner")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -154,13 +154,13 @@ def _executor(ctx: RunContext):
 
 
 def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict, count: int,
-             early) -> tuple[Supervisor, bool, float, float]:
+             early) -> tuple[Ledger, bool, float, float]:
     """The executor runs the slots; the ledger writes the journal. (ledger, interrupted,
     wall seconds, start time)."""
     progress = make_progress(ctx.cfg.progress)
     progress.start({s.index: s.label for s in ctx.slots}, count,
                    {i: n for i, (n, _) in load.items()})
-    ledger = Supervisor(journal, scheduler, ctx.rundir, list(ctx.slots),
+    ledger = Ledger(journal, scheduler, ctx.rundir, list(ctx.slots),
                         ctx.cfg.checkpoint.max_attempts, progress)
     ex = early if early is not None else _executor(ctx)
     t0 = early.spawned_at if early is not None else time.time()
@@ -199,31 +199,12 @@ def _hydra_main(cfg: DictConfig) -> int:
     return code
 
 
-def check_resume(argv: list[str]) -> None:
-    """Find the run ``resume.run=...`` names before Hydra does, so that a missing one is a
-    one-line error (exit 1) rather than Hydra's traceback of a failed interpolation."""
-    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume.run=")]
-    if (not values or values[-1] in ("", "null", "None") or "," in values[-1]
-            or any(a in ("-m", "--multirun") for a in argv[1:])):
-        return
-    from hydra import compose, initialize_config_dir
-
-    overrides = [a for a in argv[1:] if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        outputs, task = cfg.outputs, cfg.task.name
-    except Exception:  # a bad override: Hydra itself reports it next
-        return
-    resume_mod.find_run(outputs, task, values[-1])
-
-
 def main() -> None:
     setup()
     sys.argv = config_mod.rewrite_argv(sys.argv)
     try:
         config_mod.check_group_options(sys.argv, Path(CONF))
-        check_resume(sys.argv)
+        resume_mod.check_resume(sys.argv, CONF)
     except ConfigError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         sys.exit(ExitCode.START)

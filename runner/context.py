@@ -65,10 +65,6 @@ class RunContext:
                          f"resume={shlex.quote(str(self.rundir.root))}"])
 
 
-def _backends_to_probe(backend: str) -> tuple[str, ...]:
-    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}.get(backend, ())
-
-
 def _inventory(cfg: DictConfig) -> Inventory | None:
     if cfg.dry_run and cfg.devices.backend == "auto" and cfg.devices.ids is None:
         # auto must plan what a real run would get: nvidia-smi looks without importing
@@ -82,7 +78,7 @@ def _inventory(cfg: DictConfig) -> Inventory | None:
         from runner.executor_ray import cluster_inventory  # slots from the cluster's resources
 
         return cluster_inventory(cfg.executor.address)
-    return devices_mod.discover(_backends_to_probe(cfg.devices.backend))
+    return devices_mod.discover(devices_mod.backends_to_probe(cfg.devices.backend))
 
 
 def _chains(task: Task, backends: list[str]) -> tuple[dict[str, list[ModelRung]], tuple[str, ...]]:

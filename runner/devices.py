@@ -122,6 +122,11 @@ def _discover_xpu(notes: list[str]) -> tuple[str, ...]:
     return cards
 
 
+def backends_to_probe(backend: str) -> tuple[str, ...]:
+    """Which accelerators ``devices.backend`` asks discovery to look for."""
+    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}.get(backend, ())
+
+
 def discover(backends: tuple[str, ...] = ("cuda", "xpu")) -> Inventory:
     """Find what the machine has; only the accelerator kinds in ``backends`` are probed."""
     notes: list[str] = []

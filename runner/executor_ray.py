@@ -1,13 +1,13 @@
-"""The Ray executor: the same plan, supervisor and worker code, with an actor per slot.
+"""The Ray executor: the same plan, ledger and worker code, with an actor per slot.
 
-    Supervisor (controller, unchanged) ──Call──> actor.run.remote(call) ──> ObjectRef
+    Ledger (controller, unchanged) ──Call──> actor.run.remote(call) ──> ObjectRef
           ^                                        (runner.worker.run_call inside)
           └── ray.wait(refs, timeout) ── messages ─┘   RayActorError = the worker died
 
-Only the mechanics differ from :class:`runner.executor.LocalExecutor`, which this class
-extends: an actor instead of a process, an ObjectRef instead of a pipe, RayActorError
-instead of a process sentinel. The journal, retries, quarantine, restarts, Ctrl-C handling,
-the summary and the exit codes are the supervisor's and the base class's, identical.
+Only the mechanics differ (:class:`RayMechanics`, the protocol of runner/executor.py): an
+actor instead of a process, an ObjectRef instead of a pipe, RayActorError instead of a
+process sentinel. The loop, the journal, retries, quarantine, restarts, Ctrl-C handling,
+the summary and the exit codes are :class:`runner.executor.Executor`'s and the ledger's.
 
 Environment before import: each actor gets the slot's environment through
 ``runtime_env={"env_vars": ...}``, which Ray applies when it starts the actor's process.
@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised when ray is absent
                       "or use executor=local") from exc
 
 from runner.devices import Inventory, Slot
-from runner.executor import LocalExecutor, _Worker
+from runner.executor import Death, Executor, SlotState, Worker
 from runner.messages import Call, WorkerSpec
 from runner.rundir import RunDir
 from runner.worker import run_call, start_worker
@@ -127,19 +127,21 @@ def _temp_dir(run_dir: Path | None):
         holder.rmdir()
 
 
-class RayExecutor(LocalExecutor):
-    def __init__(self, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
-                 prefetch, address: str | None = None, run_dir: Path | None = None):
-        super().__init__(make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
-                         prefetch)
+class RayMechanics:
+    """The executor's mechanics on Ray: an actor per slot, an ObjectRef per call."""
+
+    self_exiting = False  # an actor lives on after SlotExhausted / StartFailed: the loop ends it
+
+    def __init__(self, address: str | None, run_dir: Path | None, stop_timeout_s: float):
         self.address = address
         self.run_dir = Path(run_dir) if run_dir else None
-        self.refs: dict[Any, tuple[_Worker, Call | None]] = {}
+        self.stop_timeout_s = stop_timeout_s
+        self.refs: dict[Any, tuple[Worker, Call | None]] = {}
 
-    # ---- mechanics that differ ---------------------------------------------------------
-    def run(self, slots: list[Slot], sup) -> None:
+    @contextlib.contextmanager
+    def session(self, slots: list[Slot]):
         if ray.is_initialized():  # a caller's own Ray session: use it as it is
-            super().run(slots, sup)
+            yield
             return
         with _temp_dir(None if self.address else self.run_dir) as temp:
             if self.address:
@@ -149,12 +151,11 @@ class RayExecutor(LocalExecutor):
                 ray.init(num_cpus=max(2, sum(s.threads for s in slots)), include_dashboard=False,
                          log_to_driver=False, _temp_dir=temp)
             try:
-                super().run(slots, sup)
+                yield
             finally:
                 ray.shutdown()
 
-    def _start(self, slot: Slot, incarnation: int) -> None:
-        spec = self.make_spec(slot, incarnation)
+    def start(self, slot: Slot, spec: WorkerSpec) -> Worker:
         env = dict(slot.env)
         if slot.backend == "cuda":
             env.pop("CUDA_VISIBLE_DEVICES", None)  # Ray assigns the GPU
@@ -162,15 +163,15 @@ class RayExecutor(LocalExecutor):
             num_cpus=slot.threads, num_gpus=1 if slot.backend == "cuda" else 0,
             runtime_env={"env_vars": env}, max_restarts=0, max_concurrency=1)
         actor = actor_cls.remote(spec)
-        w = _Worker(slot, incarnation, actor, None, time.monotonic())
-        self.workers[slot.index] = w
+        w = Worker(slot, spec.incarnation, actor, None, time.monotonic())
         self.refs[actor.hello.remote()] = (w, None)
+        return w
 
-    def _send(self, w: _Worker, call: Call) -> bool:
-        self.refs[w.process.run.remote(call)] = (w, call)
+    def send(self, w: Worker, call: Call) -> bool:
+        self.refs[w.handle.run.remote(call)] = (w, call)
         return True
 
-    def _wait_once(self, timeout: float) -> None:
+    def wait(self, workers: list[Worker], timeout: float):
         if not self.refs:
             time.sleep(timeout)
             return
@@ -184,23 +185,17 @@ class RayExecutor(LocalExecutor):
             if entry is None:  # its actor was already reaped
                 continue
             w = entry[0]
-            if self.workers.get(w.slot.index) is not w:
-                continue
             try:
                 messages = ray.get(ref, timeout=self.stop_timeout_s)
             except (RayActorError, GetTimeoutError) as exc:
-                running = self._running_call(w)
-                if running is not None:
-                    self.sup.replies_lost(w.slot, running)
-                self._died(w, reason=f"actor died ({exc.__class__.__name__})")
+                yield w, [], Death(f"actor died ({exc.__class__.__name__})",
+                                   self._running_call(w))
                 continue
-            for msg in messages:
-                self._handle(w, msg)
-            if w.exhausted or w.failed_to_start:
-                self._died(w)
+            yield w, messages, None
 
-    def _running_call(self, w: _Worker) -> int | None:
-        """The batch the dead actor was running, from its marker (None: unknown)."""
+    def _running_call(self, w: Worker) -> int | None:
+        """The batch the dead actor was running, from its marker (None: unknown): the calls
+        before it finished, but their replies may have died with it."""
         if self.run_dir is None:
             return None
         marker = RunDir(self.run_dir).running_marker(w.slot.index)
@@ -210,21 +205,30 @@ class RayExecutor(LocalExecutor):
             return None
         return int(batch_no) if int(incarnation) == w.incarnation else None
 
-    def _reap(self, w: _Worker) -> int | None:
+    def drain(self, w: Worker) -> list:
+        return []  # results arrive through ObjectRefs, handled in wait
+
+    def reap(self, w: Worker) -> int | None:
         for ref in [r for r, (ww, _) in self.refs.items() if ww is w]:
             del self.refs[ref]
         with contextlib.suppress(Exception):
-            ray.kill(w.process, no_restart=True)
-        return 0 if w.exhausted else None  # an exhausted chain is an orderly end
+            ray.kill(w.handle, no_restart=True)
+        return 0 if w.state == SlotState.EXHAUSTED else None  # exhausted: an orderly end
 
-    def _kill_unstarted(self, w: _Worker) -> None:
-        self._died(w, reason="start timeout")  # an actor has no sentinel to report it
+    def kill(self, w: Worker) -> bool:
+        return False  # an actor has no sentinel to report it: the loop ends it now
 
-    def _stop_all(self, deadline_s: float) -> None:
-        for w in list(self.workers.values()):
+    def stop_all(self, workers: list[Worker], deadline_s: float) -> None:
+        for w in workers:
             with contextlib.suppress(Exception):
-                ray.kill(w.process, no_restart=True)
+                ray.kill(w.handle, no_restart=True)
         self.refs.clear()
 
-    def _drain(self, w: _Worker) -> bool:
-        return True  # results arrive through ObjectRefs, handled in _wait_once
+
+class RayExecutor(Executor):
+    """The executor over Ray actors (``executor=ray``)."""
+
+    def __init__(self, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
+                 prefetch, address: str | None = None, run_dir: Path | None = None):
+        super().__init__(RayMechanics(address, run_dir, stop_timeout_s), make_spec,
+                         max_restarts, grace_s, stop_timeout_s, start_timeout_s, prefetch)

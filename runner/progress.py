@@ -13,7 +13,7 @@ log = logging.getLogger("runner")
 
 
 class Progress:
-    """The interface the supervisor drives; this base class shows nothing."""
+    """The interface the ledger drives; this base class shows nothing."""
 
     def start(self, labels: dict[int, str], total: int, planned: dict[int, int]) -> None:
         self.labels, self.total, self.planned = labels, total, planned

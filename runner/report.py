@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from runner.errors import ExitCode
 from runner.journal import Journal
 from runner.rundir import RunDir, atomic_path, atomic_write_json
-from runner.supervisor import SlotStats, Supervisor
+from runner.ledger import SlotStats, Ledger
 from runner.tasks.base import FinalizeContext
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def write(summary: dict[str, Any], rundir: RunDir) -> None:
     atomic_write_json(rundir.summary, summary)
 
 
-def outcome(ctx: "RunContext", journal: Journal, ledger: Supervisor, interrupted: bool,
+def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, interrupted: bool,
             wall: float, t0: float) -> ExitCode:
     """Run-level outputs (the task's finalize), summary, timeline and the last words; the
     exit code: all done, failed items (or items left: every slot lost), or interrupted."""

@@ -22,8 +22,25 @@ from runner.tasks.base import ConfigError
 
 
 
+def claim_run_dir(outputs: str | Path, task: str) -> Path:
+    """Make a new run's dir, ``<outputs>/<task>/<YYYY-mm-dd_HH-MM-SS.micro>``, and own it: a
+    run started in the same microsecond gets the ``-<pid>`` variant (mkdir is the claim)."""
+    base = Path(outputs) / task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    for path in (base, base.with_name(f"{base.name}-{os.getpid()}")):
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"run dir {base} and its -{os.getpid()} variant both exist; "
+                      f"start the run again")
+
+
 class RunDirResolver:
-    """OmegaConf resolver for hydra.run.dir; answers the same within one process."""
+    """OmegaConf resolver for hydra.run.dir; answers the same within one process.
+
+    Hydra makes ``hydra.run.dir`` itself right after resolving it (and shares it if it
+    exists), so the claim has to happen here, before: it is :func:`claim_run_dir`."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple, str] = {}
@@ -37,15 +54,7 @@ class RunDirResolver:
     @staticmethod
     def _resolve(outputs: str, task: str, resume: str | None) -> str:
         if resume in (None, "", "None", "null"):
-            base = Path(outputs) / task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
-            for path in (base, base.with_name(f"{base.name}-{os.getpid()}")):
-                try:  # claim it: a run started in the same microsecond gets the -<pid> one
-                    path.mkdir(parents=True, exist_ok=False)
-                    return str(path)
-                except FileExistsError:
-                    continue
-            raise ConfigError(f"run dir {base} and its -{os.getpid()} variant both exist; "
-                              f"start the run again")
+            return str(claim_run_dir(outputs, task))
         return str(find_run(outputs, task, resume))
 
 
@@ -94,3 +103,22 @@ def check_compatible(old_task: dict[str, Any], new_task: dict[str, Any],
         listing = "; ".join(f"task.{k}: {a!r} -> {b!r}" for k, a, b in changes)
         raise ConfigError(f"resume refused: the task config changes what outputs mean ({listing}); "
                           f"start a new run, or resume with the original values")
+
+
+def check_resume(argv: list[str], conf: str) -> None:
+    """Find the run ``resume.run=...`` names before Hydra does, so that a missing one is a
+    one-line error (exit 1) rather than Hydra's traceback of a failed interpolation."""
+    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume.run=")]
+    if (not values or values[-1] in ("", "null", "None") or "," in values[-1]
+            or any(a in ("-m", "--multirun") for a in argv[1:])):
+        return
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv[1:] if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        outputs, task = cfg.outputs, cfg.task.name
+    except Exception:  # a bad override: Hydra itself reports it next
+        return
+    find_run(outputs, task, values[-1])

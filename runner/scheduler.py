@@ -1,4 +1,4 @@
-"""Chunking strategies and the supervisor's bookkeeping, with no processes in sight.
+"""Chunking strategies and the ledger's bookkeeping, with no processes in sight.
 
 The executor asks ``next_batch(slot)`` whenever a worker has room, and tells the scheduler
 what came back. Everything here is plain data over the journal, so it is tested with

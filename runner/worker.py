@@ -16,7 +16,7 @@ The OOM ladder lives here, per worker: out of memory halves the batch size and r
 the same items; at batch size 1 it loads the next model of the chain; it never steps back
 up. Out of memory while loading a model goes straight to the next one. When the last model
 runs out of memory at batch size 1 the slot is exhausted: that one item fails here (the
-supervisor may retry it on another device), the rest of the worker's items go back to the
+ledger may retry it on another device), the rest of the worker's items go back to the
 queue, and the worker exits. A batch that fails for another reason is retried item by
 item, so one bad item fails alone.
 """

@@ -7,7 +7,7 @@ import os
 import signal
 from typing import Any, Sequence
 
-from bench.sleep_task import SleepTask
+from runner.tasks.sleep import SleepTask
 from runner.tasks.base import Item
 
 

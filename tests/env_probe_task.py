@@ -15,7 +15,8 @@ What it records for every item (``probe/<id>.json``):
 ``use_torch=false`` skips torch altogether (a fast probe of the environment only).
 ``app_at_load``: was the Hydra app (runner.app) imported in the worker (it must not be:
 spawn re-runs the parent's main script, and the console script must not drag the app in).
-``finalize_s`` makes the controller's finalize take that long.
+``finalize_s`` makes the controller's finalize take that long (it first creates
+``finalize.started`` in the run dir, for a test to wait on).
 ``discover_s`` makes discovery (in the controller) take that long; ``loaded_at`` and
 ``processed_at`` (time.time() in the worker) then show whether the worker had booted and
 loaded its model before discovery was over.
@@ -26,12 +27,14 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from runner import names
 from runner.rundir import atomic_write_text
 from runner.tasks.base import Item, ModelRung, Task, WriteContext
 
+FINALIZING = "finalize.started"  # <run dir>/finalize.started: finalize() has begun
 TORCH_AT_IMPORT = "torch" in sys.modules
 ENV_AT_IMPORT = {k: os.environ.get(k) for k in
                  ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "OMP_NUM_THREADS", "RUNNER_SLOT")}
@@ -56,6 +59,7 @@ class EnvProbeTask(Task):
             yield Item(f"item-{i:03d}", 1.0, str(i))
 
     def finalize(self, ctx: Any) -> dict[str, Any]:
+        (Path(ctx.run_dir) / FINALIZING).touch()  # what a test waits on: finalize has begun
         time.sleep(self.finalize_s)
         return {}
 

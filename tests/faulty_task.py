@@ -25,6 +25,10 @@ Items ``item-000000`` .. sleep ``ms`` each (payload) and write one JSON file per
 markers in the run dir, across every slot and restart) do ``kind``; ``<kind>:always`` —
 every load does. Empty: loads are clean.
 
+Each item's ``process`` begins by creating ``<run dir>/started/<id>``: a test waits on that
+instead of sleeping (``started_items`` in tests/conftest.py, with ``cli_args``,
+``check_consistent`` and the other helpers the fault, resume and interrupt tests share).
+
 The run dir reaches workers as ``FAULTY_RUN_DIR`` through :meth:`worker_env` (the
 controller reads it from Hydra), so markers survive worker deaths and resumes.
 """
@@ -48,6 +52,7 @@ KINDS = ("raise", "badinput", "exit", "sigkill", "segv", "segv_fh")
 WHERES = ("process", "write", "inwrite")
 WHENS = ("always", "once")
 RUN_DIR_ENV = "FAULTY_RUN_DIR"
+STARTED = "started"  # <run dir>/started/<id>: that item's process() has begun
 
 
 def parse_faults(text: str) -> dict[str, tuple[str, str, str]]:
@@ -134,6 +139,14 @@ class FaultyTask(Task):
             raise RuntimeError(f"{RUN_DIR_ENV} is not set: run FaultyTask through the runner")
         return Path(run_dir) / "fault-markers"
 
+    def _mark_started(self, item: Item) -> None:
+        """What a test waits on to know a worker is inside this item (tests/conftest.py)."""
+        if not os.environ.get(RUN_DIR_ENV):
+            return
+        started = self._markers().parent / STARTED
+        started.mkdir(exist_ok=True)
+        (started / names.component(item.id)).touch()
+
     def _maybe_fault(self, item: Item, where: str) -> None:
         spec = self.faults.get(item.id)
         if spec is None or spec[1] != where:
@@ -156,6 +169,7 @@ class FaultyTask(Task):
     def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
         out = []
         for it in items:
+            self._mark_started(it)
             time.sleep(float(it.payload))
             self._maybe_fault(it, "process")
             out.append(float(it.payload))
@@ -174,137 +188,3 @@ class FaultyTask(Task):
             out.append(rel)
         return out
 
-
-# ---- helpers the fault, resume and interrupt tests share ----------------------------------
-REPO = Path(__file__).resolve().parents[1]
-TARGET = "tests.faulty_task.FaultyTask"
-ITEM_STATES = ("pending", "running", "done", "failed")
-
-
-def cli_args(outputs: Path, *extra: str, count: int = 12, ms: float = 5.0,
-             faults: str = "", load_fault: str = "", devices: str = "cpu2") -> list[str]:
-    """``python -m runner`` overrides for a FaultyTask run under ``outputs``."""
-    args = ["task=sleep", f"task._target_={TARGET}", f"devices={devices}", f"outputs={outputs}",
-            "progress=off", f"task.count={count}", f"task.ms={ms}",
-            "executor.start_timeout_s=60", "executor.stop_timeout_s=3"]
-    if faults:
-        args.append(f"+task.faults='{faults}'")
-    if load_fault:
-        args.append(f"+task.load_fault='{load_fault}'")
-    return args + list(extra)
-
-
-def cli(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "runner", *args]
-
-
-def run_cli(args: Sequence[str], timeout: float = 120) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-
-    return subprocess.run(cli(args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def start_run(args: Sequence[str]) -> "subprocess.Popen[str]":
-    """``python -m runner`` in the background, in a session of its own: killpg reaches the
-    controller and its workers, like a TTY's ^C."""
-    import subprocess
-
-    return subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_until(proc: Any, cond: Any, timeout: float = 60.0) -> Any:
-    """Poll ``cond()`` until it gives something truthy (returned) while the run goes on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {getattr(cond, '__name__', cond)}")
-
-
-def stop_leftover(proc: Any) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def run_dirs(outputs: Path, task: str = "sleep") -> list[Path]:
-    return sorted(p.parent for p in (Path(outputs) / task).glob("*/plan.yaml"))
-
-
-def only_run_dir(outputs: Path) -> Path:
-    dirs = run_dirs(outputs)
-    if len(dirs) != 1:
-        raise AssertionError(f"expected one run dir under {outputs}, found {dirs}")
-    return dirs[0]
-
-
-def journal_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        db.row_factory = sqlite3.Row
-        return {r["id"]: dict(r) for r in db.execute("SELECT * FROM items ORDER BY seq")}
-    finally:
-        db.close()
-
-
-def identities(run_dir: Path) -> list[dict[str, str]]:
-    """Every identity line of every worker log: PID=, slot=, incarnation= ..."""
-    out = []
-    for log in sorted((run_dir / "logs").glob("worker-*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("PID="):
-                out.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
-    return out
-
-
-def output_files(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every visible output file, parsed (a torn file fails here): relative path -> content."""
-    out = {}
-    for p in sorted((run_dir / FaultyTask.output_dir).glob("*")):
-        if p.name.startswith("."):
-            continue  # a temp file of a write killed half-way is not an output
-        out[str(p.relative_to(run_dir))] = json.loads(p.read_text())
-    return out
-
-
-def check_consistent(run_dir: Path, count: int, finished: bool = True) -> dict[str, dict]:
-    """The invariants of issue 4 on a run dir; returns the journal rows.
-
-    Every discovered item has one row; nothing is left ``running``; done <=> its output is
-    on disk, whole, and names that item; failed items have no output and an error file;
-    ``finished``: nothing is left pending either.
-    """
-    rows = journal_rows(run_dir)
-    want = {item_id(i) for i in range(count)}
-    assert set(rows) == want, f"journal ids differ: {sorted(set(rows) ^ want)[:5]}"
-    states = {r["status"] for r in rows.values()}
-    assert states <= set(ITEM_STATES), states
-    running = [i for i, r in rows.items() if r["status"] == "running"]
-    assert not running, f"items left running after the run ended: {running}"
-    if finished:
-        pending = [i for i, r in rows.items() if r["status"] == "pending"]
-        assert not pending, f"items left pending: {pending}"
-    files = output_files(run_dir)
-    done = {i: r for i, r in rows.items() if r["status"] == "done"}
-    for i, r in done.items():
-        assert r["output"] in files, f"{i} is done but {r['output']} is not on disk"
-        assert files[r["output"]]["id"] == i, f"{r['output']} holds {files[r['output']]['id']}"
-        assert r["attempts"] >= 1 and r["finished"] is not None and r["model"], r
-    owners = {f["id"] for f in files.values()}
-    assert len(owners) == len(files), "two output files hold the same item"
-    if finished:
-        assert owners == set(done), f"outputs without a done item: {sorted(owners - set(done))}"
-    for i, r in rows.items():
-        if r["status"] == "failed":
-            assert i not in owners, f"{i} failed but has an output"
-            assert r["error"], f"{i} failed without an error"
-            assert (run_dir / "logs" / "errors" / f"{names.component(i)}.json").is_file(), i
-    return rows

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.sleep_task import SleepTask
+from runner.tasks.sleep import SleepTask
 from runner.rundir import atomic_write_text
 from runner.tasks.base import BadInput, FinalizeContext, Item, WriteContext
 

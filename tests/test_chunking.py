@@ -1,10 +1,12 @@
-"""Chunking strategies and the supervisor's bookkeeping, without processes (issue 2).
+"""Layer: unit (no processes: a scripted fake executor).
+
+Chunking strategies and the supervisor's bookkeeping, without processes (issue 2).
 
 * ``runner.scheduler.assign`` on skewed costs, each strategy checked against its definition
   (computed here independently, not copied from the implementation);
 * the same through ``Scheduler`` over a real in-memory SQLite ``Journal``: what each slot is
   actually handed, batch by batch;
-* a scripted-fake executor driving ``Scheduler`` + ``Supervisor`` with the events a real one
+* a scripted-fake executor driving ``Scheduler`` + ``Ledger`` with the events a real one
   reports (items done, item failed, a worker's death, an exhausted slot) and checking the
   journal's states and the requeue of suspects.
 """
@@ -24,7 +26,7 @@ from runner.messages import BatchDone, Call, ItemDone, ItemFailed
 from runner.progress import Progress
 from runner.rundir import RunDir
 from runner.scheduler import SHARED, Scheduler, assign
-from runner.supervisor import Supervisor
+from runner.ledger import Ledger
 from runner.tasks.base import BadItem, Item
 
 N_SLOTS = 4
@@ -224,7 +226,7 @@ def test_lost_slot_hands_its_list_to_the_others():
     assert flat == sorted(i for i, _ in items)  # nothing lost, nothing twice
 
 
-# ---- scripted fake executor: Scheduler + Supervisor, no processes --------------------------------
+# ---- scripted fake executor: Scheduler + Ledger, no processes --------------------------------
 class FakeExecutor:
     """Plays an executor's part: hands out batches and reports what 'workers' did."""
 
@@ -239,7 +241,7 @@ class FakeExecutor:
         self.slots = make_slots(cfg, Inventory(cpu_cores=2))
         progress = Progress()
         progress.start({s.index: s.label for s in self.slots}, n_items, {})
-        self.sup = Supervisor(self.journal, self.scheduler, self.rundir, self.slots,
+        self.sup = Ledger(self.journal, self.scheduler, self.rundir, self.slots,
                               max_attempts, progress)
         self.batch_no = 0
 

@@ -1,4 +1,6 @@
-"""Config composition and validation (issue 2).
+"""Layer: unit (Hydra's compose in-process); the test_cli_* cases are cli (subprocesses).
+
+Config composition and validation (issue 2).
 
 Composition goes through Hydra's own ``compose`` over conf/ after ``runner.app.setup()``,
 so the ConfigStore schemas and the YAML groups are checked together. Every value that
@@ -7,8 +9,6 @@ bad value and what is allowed. The CLI cases run ``python -m runner`` in a subpr
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from runner import app, config
 from runner.tasks.base import ConfigError
+from tests.conftest import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 DEVICE_GROUPS = {  # option -> (backend, count)
     "auto": ("auto", None), "cpu": ("cpu", 1), "cpu2": ("cpu", 2), "cpu4": ("cpu", 4),
@@ -32,11 +32,6 @@ def composed(*overrides: str):
     app.setup()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=list(overrides))
-
-
-def cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 # ---- composition ----------------------------------------------------------------------------
@@ -153,8 +148,8 @@ def test_every_bad_value_case_differs_from_a_good_config():
 # ---- the CLI ----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_cli_cfg_job_prints_the_composed_config(tmp_path):
-    r = cli("--cfg", "job", "task=embed", "devices=cuda4", "chunking=size_balanced",
-            f"outputs={tmp_path}")
+    r = run_cli(["--cfg", "job", "task=embed", "devices=cuda4", "chunking=size_balanced",
+                 f"outputs={tmp_path}"], timeout=60)
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["devices"] == {"name": "cuda4", "backend": "cuda", "count": 4, "ids": None,
@@ -178,7 +173,8 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     ("task.cost=bytes", "task.cost", "'bytes'", "tokens, chars"),
 ])
 def test_cli_bad_value_is_exit_1_and_one_line(tmp_path, override, key, value, allowed):
-    r = cli("task=embed", "devices=cpu2", override, f"outputs={tmp_path}", "progress=off")
+    r = run_cli(["task=embed", "devices=cpu2", override, f"outputs={tmp_path}", "progress=off"],
+                timeout=60)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
@@ -195,7 +191,8 @@ def test_cli_bad_value_is_exit_1_and_one_line(tmp_path, override, key, value, al
 def test_cli_unknown_group_option_is_exit_1_and_one_line(tmp_path, args, key, value):
     """An option that is not in conf/<group>/: one line naming the key, the value and every
     option of the group (Hydra's own report spans several lines), before any run dir."""
-    r = cli(*args, f"outputs={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    r = run_cli([*args, f"outputs={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                timeout=60)
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("runner: error: "), r.stderr

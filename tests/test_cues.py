@@ -1,4 +1,6 @@
-"""Cue builder and SRT/WebVTT writers: broadcaster norms hold for any word timings."""
+"""Layer: unit (no processes; property tests).
+
+Cue builder and SRT/WebVTT writers: broadcaster norms hold for any word timings."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,7 @@
-"""``python -m runner.diff``: run dirs / sweep job dirs, YAML files, and --compose."""
+"""Layer: cli (a real sweep, then ``python -m runner.diff`` as a subprocess); the in-process
+``diff.main`` cases are unit.
+
+``python -m runner.diff``: run dirs / sweep job dirs, YAML files, and --compose."""
 from __future__ import annotations
 
 import json
@@ -9,18 +12,16 @@ from pathlib import Path
 import pytest
 
 from runner import diff
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
 def two_jobs(tmp_path_factory) -> tuple[Path, Path]:
     """A real 2-job sweep that differs only in batch_size (sweep job dirs are run dirs)."""
     out = tmp_path_factory.mktemp("diff")
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner", "-m", "task=sleep", "task.count=6", "task.ms=5",
-         "devices=cpu2", "batch_size=1,2", f"outputs={out}", "progress=off",
-         "hydra.launcher.live=off"], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    proc = run_cli(["-m", "task=sleep", "task.count=6", "task.ms=5", "devices=cpu2",
+                    "batch_size=1,2", f"outputs={out}", "progress=off", "hydra.launcher.live=off"],
+                   timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep_dir,) = (out / "multirun" / "sleep").iterdir()
     return sweep_dir / "0", sweep_dir / "1"

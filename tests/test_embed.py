@@ -1,4 +1,6 @@
-"""The embed task end to end through the real CLI on devices=cpu2 (issue 2).
+"""Layer: cli (the README's embed command as a subprocess); the first two tests are unit.
+
+The embed task end to end through the real CLI on devices=cpu2 (issue 2).
 
 One folder holds every input format (.txt, .jsonl, .csv, .parquet, and a sub-folder), ~40
 texts plus an empty text and an undecodable line, which must fail alone (exit 3). The
@@ -12,16 +14,13 @@ import csv
 import json
 import logging
 import re
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from runner.rundir import RunDir
+from tests.conftest import identity_line, query_journal, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-MiniLM-L6-v2"
 WORDS = ("tide harbour lantern archive violin meadow circuit glacier orchard ledger comet "
          "quarry sonnet bakery canal falcon theorem pottery monsoon atlas").split()
@@ -133,21 +132,17 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
 
     good, bad = make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    r = subprocess.run(
-        [sys.executable, "-m", "runner", "task=embed", f"task.input={tmp_path / 'corpus'}",
-         "task.id_field=id", "devices=cpu2", "chunking=round_robin", "batch_size=8",
-         f"outputs={out}", "progress=plain"],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    r = run_cli(["task=embed", f"task.input={tmp_path / 'corpus'}", "task.id_field=id",
+                 "devices=cpu2", "chunking=round_robin", "batch_size=8", f"outputs={out}",
+                 "progress=plain"], timeout=280)
     assert r.returncode == 3, r.stderr[-3000:]  # finished, with failed items
     assert "2 item(s) failed" in r.stderr
     (run,) = (out / "embed").iterdir()
 
     # journal: the two bad items failed alone, with a one-line error each
-    db = sqlite3.connect(run / "journal.sqlite")
     rows = {i: (s, d, m, e, b) for i, s, d, m, e, b in
-            db.execute("SELECT id, status, device, model, error, batch_size FROM items")}
-    costs = dict(db.execute("SELECT id, cost FROM items"))
-    db.close()
+            query_journal(run, "SELECT id, status, device, model, error, batch_size FROM items")}
+    costs = dict(query_journal(run, "SELECT id, cost FROM items"))
     assert set(rows) == set(good) | set(bad)
     for i, words in bad.items():
         assert rows[i][0] == "failed" and words in rows[i][3] and "\n" not in rows[i][3]
@@ -222,7 +217,7 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
     # identity lines: first line of each worker log, distinct PIDs, the ones the summary lists
     pids = []
     for slot in (0, 1):
-        first = (run / "logs" / f"worker-{slot}.log").read_text().splitlines()[0]
+        first = identity_line(run, slot)
         m = re.match(rf"PID=(\d+) slot={slot} backend=cpu device=cpu:{slot} "
                      rf"CUDA_VISIBLE_DEVICES= threads=1 ", first)
         assert m, first

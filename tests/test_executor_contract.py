@@ -1,47 +1,42 @@
-"""One contract every executor passes (as Hydra's LauncherTestSuite does for launchers):
+"""Layer: contract (every executor passes it).
+
+One contract every executor passes (as Hydra's LauncherTestSuite does for launchers):
 same outputs for the same items (bitwise for embeddings on CPU), the same journal, and
 the same behaviour when a worker or actor is killed. Runs the real CLI in a subprocess."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, identity_line, only_run_dir, query_journal, run_cli
+
 HAS_RAY = importlib.util.find_spec("ray") is not None
 EXECUTORS = ["local", pytest.param("ray", marks=pytest.mark.skipif(
     not HAS_RAY, reason="ray is not installed (pip install 'runner[ray]')"))]
 
 
-def cli(*overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_bare(*overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -m runner`` in a bare environment (no inherited Ray or CUDA settings)."""
     env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    return subprocess.run([sys.executable, "-m", "runner", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def only_run(outputs: Path, task: str) -> Path:
-    runs = sorted((outputs / task).iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
+    return run_cli(overrides, timeout=timeout, env=env)
 
 
 def journal(run: Path) -> dict[str, tuple]:
-    db = sqlite3.connect(run / "journal.sqlite")
-    return {r[0]: r[1:] for r in db.execute("SELECT id, status, output, model FROM items")}
+    return {r[0]: r[1:] for r in query_journal(run, "SELECT id, status, output, model FROM items")}
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_items_done_journal_and_outputs(tmp_path, executor):
-    p = cli("task=sleep", "task.count=30", "task.ms=40", "devices=cpu2", f"executor={executor}",
-            f"outputs={tmp_path}", "progress=off")
+    p = run_bare("task=sleep", "task.count=30", "task.ms=40", "devices=cpu2",
+                 f"executor={executor}", f"outputs={tmp_path}", "progress=off")
     assert p.returncode == 0, p.stderr[-2000:]
-    run = only_run(tmp_path, "sleep")
+    run = only_run_dir(tmp_path, "sleep")
     rows = journal(run)
     assert len(rows) == 30 and {r[0] for r in rows.values()} == {"done"}
     for item_id, (_, output, model) in rows.items():
@@ -53,7 +48,7 @@ def test_items_done_journal_and_outputs(tmp_path, executor):
     worked = [s["slot"] for s in summary["slots"] if s["items"]]
     assert worked  # a slot whose actor had not started when the work ran out may do none
     for slot in worked:
-        first = (run / "logs" / f"worker-{slot}.log").read_text().splitlines()[0]
+        first = identity_line(run, slot)
         assert first.startswith("PID=") and f"slot={slot}" in first
 
 
@@ -62,19 +57,19 @@ def test_items_done_journal_and_outputs(tmp_path, executor):
 def test_killed_worker_items_return_and_finish(tmp_path, executor):
     markers = tmp_path / "markers"
     markers.mkdir()
-    p = cli("task=sleep", "task._target_=tests.contract_task.KillOnceTask", "task.count=24",
-            "task.ms=5", "+task.kill_ids=[item-000005,item-000017]", f"+task.marker_dir={markers}",
-            "devices=cpu2", f"executor={executor}", f"outputs={tmp_path / 'out'}", "progress=off")
+    p = run_bare("task=sleep", "task._target_=tests.contract_task.KillOnceTask", "task.count=24",
+                 "task.ms=5", "+task.kill_ids=[item-000005,item-000017]",
+                 f"+task.marker_dir={markers}", "devices=cpu2", f"executor={executor}",
+                 f"outputs={tmp_path / 'out'}", "progress=off")
     assert p.returncode == 0, p.stderr[-3000:]
-    run = only_run(tmp_path / "out", "sleep")
+    run = only_run_dir(tmp_path / "out", "sleep")
     rows = journal(run)
     assert len(rows) == 24 and {r[0] for r in rows.values()} == {"done"}
     assert sorted(m.name for m in markers.iterdir()) == ["killed-item-000005", "killed-item-000017"]
     summary = json.loads((run / "summary.json").read_text())
     assert sum(s["deaths"] for s in summary["slots"]) == 2
     assert sum(s["items"] for s in summary["slots"]) == 24  # each item counted once
-    db = sqlite3.connect(run / "journal.sqlite")
-    attempts = dict(db.execute("SELECT id, attempts FROM items"))
+    attempts = dict(query_journal(run, "SELECT id, attempts FROM items"))
     assert attempts["item-000005"] == 2 and attempts["item-000017"] == 2
 
 
@@ -86,10 +81,10 @@ def test_embeddings_bitwise_equal_across_executors(tmp_path):
     vectors = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor
-        p = cli("task=embed", "limit=12", "batch_size=4", "devices=cpu", f"executor={executor}",
-                f"outputs={out}", "progress=off", timeout=300)
+        p = run_bare("task=embed", "limit=12", "batch_size=4", "devices=cpu",
+                     f"executor={executor}", f"outputs={out}", "progress=off", timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
-        run = only_run(out, "embed")
+        run = only_run_dir(out, "embed")
         import pyarrow as pa
 
         table = pa.concat_tables(pq.read_table(f) for f in
@@ -133,10 +128,10 @@ def test_cluster_address_counts_slots_from_cluster(tmp_path):
                     f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=120)
     try:
-        p = cli("task=sleep", "task.count=12", "task.ms=5", "devices=cpu2", "executor=ray",
-                f"executor.address=127.0.0.1:{port}", f"outputs={tmp_path}", "progress=off")
+        p = run_bare("task=sleep", "task.count=12", "task.ms=5", "devices=cpu2", "executor=ray",
+                     f"executor.address=127.0.0.1:{port}", f"outputs={tmp_path}", "progress=off")
         assert p.returncode == 0, p.stderr[-3000:]
-        run = only_run(tmp_path, "sleep")
+        run = only_run_dir(tmp_path, "sleep")
         plan = (run / "plan.yaml").read_text()
         assert "ray cluster at 127.0.0.1" in plan and "1 node(s), 3 CPU(s)" in plan
         summary = json.loads((run / "summary.json").read_text())

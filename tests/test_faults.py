@@ -1,4 +1,6 @@
-"""The fault table of issue 4, against real spawned workers and the real task code path.
+"""Layer: processes (spawned workers, real signals).
+
+The fault table of issue 4, against real spawned workers and the real task code path.
 
 Each case runs ``python -m runner`` with :class:`tests.faulty_task.FaultyTask`, whose items
 raise, ``sys.exit``, SIGKILL or segfault themselves — in ``process`` (mid-batch), in
@@ -19,8 +21,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.faulty_task import (check_consistent, cli_args, identities, item_id, only_run_dir, run_cli,
-                               run_dirs, start_run, stop_leftover, wait_until)
+from tests.conftest import (check_consistent, cli_args, committed, identities, log_has,
+                            only_run_dir, read_summary, run_cli, run_dirs, start_run,
+                            stop_leftover, wait_until)
+from tests.faulty_task import item_id
 
 COUNT = 12
 
@@ -77,10 +81,6 @@ CRASH_CASES = {
 }
 
 
-def _summary(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", list(CRASH_CASES))
 def test_crash_case(tmp_path, name):
@@ -96,7 +96,7 @@ def test_crash_case(tmp_path, name):
     # every item done exactly once, or failed with its error
     failed = {i for i, r in rows.items() if r["status"] == "failed"}
     assert failed == {item_id(i) for i in case.failed}, res.stderr[-3000:]
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     assert summary["counts"]["done"] == COUNT - len(case.failed)
     assert summary["items_done"] == COUNT - len(case.failed), "an item was counted done twice"
     assert summary["exit_code"] == case.exit
@@ -171,7 +171,7 @@ def test_every_slot_lost_stops_cleanly(tmp_path):
     assert states[item_id(4)] == "pending" and rows[item_id(4)]["attempts"] == 2
     assert "SIGKILL" in rows[item_id(4)]["error"]
     assert all(states[item_id(i)] == "pending" for i in range(5, count))
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     assert summary["status"] == "slots lost" and summary["exit_code"] == 3
     assert [int(x["incarnation"]) for x in identities(run_dir)] == [0, 1]
 
@@ -196,7 +196,6 @@ def test_a_slot_whose_worker_died_idle_comes_back_when_work_does(tmp_path):
     before it stopped with 'every worker slot was lost' and item 0 pending."""
     import os
     import signal
-    import time
 
     args = cli_args(tmp_path, "executor.max_restarts=1", "checkpoint.max_attempts=5",
                     "chunking.prefetch=1", "+task.slow='0:5000'", devices="cpu2", count=2)
@@ -212,16 +211,20 @@ def test_a_slot_whose_worker_died_idle_comes_back_when_work_does(tmp_path):
     def pids_of(slot):
         return [int(x["PID"]) for x in identities(run_dir()) if x["slot"] == str(slot)]
 
+    def quick_reported():  # the controller has item 1 done (the journal commits every 0.5 s)
+        return committed(run_dir(), "done", item_id(1)) == 1
+
     try:
-        wait_until(proc, run_dir, 30)
-        quick = wait_until(proc, quick_done, 30)
+        wait_until(run_dir, 30, proc=proc)
+        quick = wait_until(quick_done, 30, proc=proc)
         b, a = quick["slot"], 1 - quick["slot"]
-        time.sleep(0.5)  # B has reported item 1 and has nothing left: idle
+        # B has reported item 1 and has nothing left: idle
+        wait_until(quick_reported, 30, proc=proc)
         os.kill(quick["pid"], signal.SIGKILL)
         b_died = f"worker cpu:{b} (pid {quick['pid']}) died: SIGKILL; 0 item(s) in flight"
-        wait_until(proc, lambda: b_died in (run_dir() / "runner.log").read_text(), 30)  # alone
-        os.kill(wait_until(proc, lambda: pids_of(a), 30)[0], signal.SIGKILL)  # running item 0
-        second = wait_until(proc, lambda: pids_of(a)[1:], 30)[0]  # A's restart (1 of 1)
+        wait_until(lambda: log_has(run_dir() / "runner.log", b_died), 30, proc=proc)  # alone
+        os.kill(wait_until(lambda: pids_of(a), 30, proc=proc)[0], signal.SIGKILL)  # running item 0
+        second = wait_until(lambda: pids_of(a)[1:], 30, proc=proc)[0]  # A's restart (1 of 1)
         os.kill(second, signal.SIGKILL)
         out, err = proc.communicate(timeout=90)
     finally:

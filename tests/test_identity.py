@@ -1,4 +1,6 @@
-"""Identity, unit level: names (runner.names), the journal's unique names, repeated ids and
+"""Layer: unit (no processes).
+
+Identity, unit level: names (runner.names), the journal's unique names, repeated ids and
 changed inputs (runner.intake), embed's id and text rules. Real SQLite, no processes."""
 from __future__ import annotations
 

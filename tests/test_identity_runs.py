@@ -1,4 +1,6 @@
-"""Identity end to end: real ``python -m runner`` runs with the bundled models.
+"""Layer: cli (real ``python -m runner`` runs as subprocesses).
+
+Identity end to end: real ``python -m runner`` runs with the bundled models.
 
 * subtitles on CPU over a folder of near-identical and non-ASCII names (Cyrillic, Arabic,
   CJK, accents, spaces, punctuation, emoji, one stem as audio and as video), each file
@@ -12,16 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import only_run_dir, query_journal, run_cli
 from tests.speech import synthesise, wer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SENTENCES = {
     "Москва.wav": "The river was frozen and the children skated all afternoon.",
@@ -60,14 +59,8 @@ def archive(tmp_path_factory) -> Path:
 
 
 def _run(*args: str, umask: int | None = None, timeout: float = 400):
-    return subprocess.run([sys.executable, "-m", "runner", *args, "progress=plain"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
-
-
-def _only(path: Path) -> Path:
-    (run,) = [p for p in path.iterdir() if p.is_dir()]
-    return run
+    return run_cli([*args, "progress=plain"], timeout=timeout,
+                   preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
 @pytest.mark.timeout(600)
@@ -78,11 +71,9 @@ def test_subtitles_names_in_any_script_each_hold_their_own_speech(archive, tmp_p
     r = _run("task=subtitles", f"task.input={archive}", "devices=cpu", f"outputs={out}",
              "task.formats=[srt,json]", "task.place=beside_input", umask=0o027)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = _only(out / "subtitles")
-    db = sqlite3.connect(run / "journal.sqlite")
+    run = only_run_dir(out, "subtitles")
     rows = {i: (s, o, p, w) for i, s, o, p, w in
-            db.execute("SELECT id, status, output, placed, warning FROM items")}
-    db.close()
+            query_journal(run, "SELECT id, status, output, placed, warning FROM items")}
     assert set(rows) == set(SENTENCES)
     for rel, text in SENTENCES.items():
         status, output, placed, warning = rows[rel]
@@ -123,8 +114,8 @@ def test_place_beside_a_read_only_folder_is_a_warning_and_overwrite_replaces(arc
         r = _run("task=subtitles", f"task.input={media}", "devices=cpu", f"outputs={out}",
                  "task.place=beside_input", "task.overwrite=true")
         assert r.returncode == 0, r.stderr[-3000:]  # not a failure of the run
-        db = sqlite3.connect(_only(out / "subtitles") / "journal.sqlite")
-        ((status, warning, placed),) = db.execute("SELECT status, warning, placed FROM items")
+        ((status, warning, placed),) = query_journal(only_run_dir(out, "subtitles"),
+                                                     "SELECT status, warning, placed FROM items")
         assert status == "done" and "cannot write" in warning and placed is None
         assert (media / "東京.en.srt").read_text() == "old\n"
     finally:
@@ -196,8 +187,7 @@ def test_embed_repeated_numeric_and_null_ids(tmp_path):
     assert r.returncode == 3, r.stderr[-3000:]  # the null id and the number text failed
     run = sorted(p for p in (out / "embed").iterdir())[-1]
     assert set(_vectors(run)) == {"a", "1", "1#2"}
-    db = sqlite3.connect(run / "journal.sqlite")
-    failed = dict(db.execute("SELECT src, error FROM items WHERE status='failed'"))
+    failed = dict(query_journal(run, "SELECT src, error FROM items WHERE status='failed'"))
     assert "is null" in failed["c.jsonl line 4"] and "a number" in failed["c.jsonl line 5"]
     errors = sorted(p.name for p in (run / "logs" / "errors").iterdir())
     assert len(errors) == 2
@@ -217,7 +207,7 @@ def test_embed_resume_after_editing_inserting_and_deleting_lines(tmp_path, model
     expect = write(texts)
     r = _embed(corpus, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = _only(out / "embed")
+    run = only_run_dir(out, "embed")
     _close(model, _vectors(run), expect)
     steps = [("edited", texts[:2] + ["an edited third line"] + texts[3:], 1),
              ("inserted", ["a new first line"] + texts[:2] + ["an edited third line"] + texts[3:], 6),

@@ -1,4 +1,6 @@
-"""Ctrl-C and termination (issue 4), with real signals to a real ``python -m runner``.
+"""Layer: processes (spawned workers, real signals).
+
+Ctrl-C and termination (issue 4), with real signals to a real ``python -m runner``.
 
 * Ctrl-C once (SIGINT to the whole process group, as a terminal sends it; the workers
   ignore it) or ``kill`` (SIGTERM to the controller): no new work, in-flight batches
@@ -19,13 +21,10 @@ import time
 
 import pytest
 
-from tests.faulty_task import (REPO, check_consistent, cli_args, identities, journal_rows,
-                               only_run_dir, run_dirs, start_run, stop_leftover, wait_until)
-
-
-def _outputs(tmp_path):
-    dirs = run_dirs(tmp_path)
-    return len(list((dirs[0] / "faulty").glob("*.json"))) if dirs else 0
+from tests.conftest import (ROOT, alive, check_consistent, cli_args, committed, done_mtimes,
+                            identities, journal_rows, log_has, only_run_dir, outputs_written,
+                            run_dirs, start_run, started_items, stop_leftover, wait_until)
+from tests.env_probe_task import FINALIZING
 
 
 def _resume_command(stderr: str) -> list[str]:
@@ -39,7 +38,7 @@ def _resume_command(stderr: str) -> list[str]:
 def _finish_with(stderr, run_dir, count, done_before):
     cmd = _resume_command(stderr)
     assert f"resume={run_dir}" in cmd
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = check_consistent(run_dir, count)
     assert all(r["status"] == "done" for r in rows.values())
@@ -50,11 +49,6 @@ def _finish_with(stderr, run_dir, count, done_before):
     return rows
 
 
-def _done_mtimes(run_dir, rows):
-    return {i: os.stat(run_dir / r["output"]).st_mtime_ns for i, r in rows.items()
-            if r["status"] == "done"}
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
@@ -62,7 +56,7 @@ def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
     proc = start_run(cli_args(tmp_path, "batch_size=2", "executor.grace_s=30", count=count,
                            ms=250))
     try:
-        wait_until(proc, lambda: _outputs(tmp_path) >= 2)
+        wait_until(lambda: outputs_written(tmp_path) >= 2, proc=proc)
         sent_at = time.time()
         if sig == "SIGINT":
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
@@ -83,7 +77,7 @@ def test_first_signal_drains_in_flight_then_resume(tmp_path, sig):
     assert any(r["finished"] > sent_at for r in done)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
-    _finish_with(stderr, run_dir, count, _done_mtimes(run_dir, rows))
+    _finish_with(stderr, run_dir, count, done_mtimes(run_dir, rows))
 
 
 @pytest.mark.timeout(120)
@@ -97,16 +91,20 @@ def test_second_sigint_stops_workers_now_then_resume(tmp_path):
             logs = list((dirs[0] / "logs").glob("worker-*.log")) if dirs else []
             return len(logs) == 2 and all("loaded m1" in p.read_text() for p in logs)
 
-        wait_until(proc, both_busy)
-        time.sleep(0.4)  # both workers are inside a 2 s item now
+        wait_until(both_busy, proc=proc)
+        run_dir = only_run_dir(tmp_path)
+
+        def both_inside_an_item():  # each worker has begun a 2 s item (started/ markers)
+            return len(started_items(run_dir)) == 2
+
+        wait_until(both_inside_an_item, proc=proc)
         os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.3)
+        wait_until(lambda: log_has(run_dir / "runner.log", "SIGINT: no new work"), proc=proc)
         second_at = time.time()
         os.killpg(proc.pid, signal.SIGINT)
-        run_dir = only_run_dir(tmp_path)
         pids = [int(x["PID"]) for x in identities(run_dir)]
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.02)
         workers_gone_s = time.time() - second_at
         _, stderr = proc.communicate(timeout=60)
@@ -127,14 +125,6 @@ def test_second_sigint_stops_workers_now_then_resume(tmp_path):
     assert all(r["attempts"] == 1 for r in rows.values())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _probe_args(tmp_path, *extra):
     """The probe task (tests/env_probe_task.py) on two CPU slots, with ``extra`` overrides."""
     return ["task=sleep", "task._target_=tests.env_probe_task.EnvProbeTask", "task.count=4",
@@ -151,7 +141,7 @@ def test_ctrl_c_during_discovery_is_one_line_and_stops_the_early_workers(tmp_pat
         return [p for p in (tmp_path / "sleep").glob("*/logs/worker-*.log")
                 if p.read_text().startswith("PID=")]
 
-    wait_until(proc, lambda: len(logs()) == 2, timeout=40)  # both workers are up
+    wait_until(lambda: len(logs()) == 2, timeout=40, proc=proc)  # both workers are up
     pids = [int(p.read_text().split()[0].split("=")[1]) for p in logs()]
     os.killpg(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
@@ -173,10 +163,13 @@ def test_ctrl_c_while_finishing_is_one_line_and_the_resume_finishes(tmp_path):
 
     def all_done():
         dirs = run_dirs(tmp_path)
-        return bool(dirs) and (dirs[0] / "journal.sqlite").exists() and sum(
-            r["status"] == "done" for r in journal_rows(dirs[0]).values()) == 4
-    wait_until(proc, all_done, timeout=60)
-    time.sleep(0.5)  # past the journal's commit: inside finalize's 30 s
+        return bool(dirs) and committed(dirs[0], "done") == 4
+
+    def finalizing():  # past the journal's last commit: inside finalize's 30 s
+        return (run_dirs(tmp_path)[0] / FINALIZING).exists()
+
+    wait_until(all_done, timeout=60, proc=proc)
+    wait_until(finalizing, timeout=30, proc=proc)
     os.killpg(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err[-3000:]
@@ -187,7 +180,7 @@ def test_ctrl_c_while_finishing_is_one_line_and_the_resume_finishes(tmp_path):
     assert not (run_dir / "summary.json").exists()
     cmd = shlex.split(line.split("finish it with: ", 1)[1])
     assert cmd[:3] == ["python", "-m", "runner"] and f"resume={run_dir}" in cmd
-    res = subprocess.run([sys.executable, *cmd[1:], "task.finalize_s=0"], cwd=REPO,
+    res = subprocess.run([sys.executable, *cmd[1:], "task.finalize_s=0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,4 +1,6 @@
-"""Each worker is its own spawned process that sees its own environment before torch (issue 2).
+"""Layer: processes (spawned workers: the CLI's, and the real executor's from here).
+
+Each worker is its own spawned process that sees its own environment before torch (issue 2).
 
 The probe task (tests/env_probe_task.py) records from inside every worker: its PID, the
 device masks, OMP_NUM_THREADS, RUNNER_SLOT, whether torch was already imported when the task
@@ -29,10 +31,10 @@ from runner.messages import WorkerSpec
 from runner.progress import Progress
 from runner.rundir import RunDir
 from runner.scheduler import Scheduler
-from runner.supervisor import Supervisor
+from runner.ledger import Ledger
+from tests.conftest import ROOT, identity_line, run_cli
 from tests.env_probe_task import EnvProbeTask
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = "tests.env_probe_task.EnvProbeTask"
 
 
@@ -43,10 +45,6 @@ def probes(run: Path) -> dict[int, list[dict]]:
         rec = json.loads(p.read_text())
         out.setdefault(rec["slot"], []).append(rec)
     return out
-
-
-def identity(run: Path, slot: int) -> str:
-    return (run / "logs" / f"worker-{slot}.log").read_text().splitlines()[0]
 
 
 def check_workers(run: Path, slots, mask_var: str | None) -> None:
@@ -69,7 +67,7 @@ def check_workers(run: Path, slots, mask_var: str | None) -> None:
         assert r["threads_at_import"] == s.threads  # OMP_NUM_THREADS reached torch
         assert r["threads"] == s.threads
         assert r["device"] == s.backend  # addressed as index 0 of what it can see
-        line = identity(run, s.index)
+        line = identity_line(run, s.index)
         assert line.startswith(f"PID={r['pid']} slot={s.index} backend={s.backend} ")
         if mask_var:
             assert f" {mask_var}={s.env[mask_var]} " in line
@@ -81,11 +79,9 @@ def check_workers(run: Path, slots, mask_var: str | None) -> None:
 # ---- CPU, through the real CLI -------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_cpu2_workers_through_the_cli(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "runner", "task=sleep", f"task._target_={TARGET}", "task.count=6",
-         "devices=cpu2", "devices.threads_per_worker=1", "chunking=round_robin", "batch_size=1",
-         f"outputs={tmp_path}", "progress=off"],
-        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    r = run_cli(["task=sleep", f"task._target_={TARGET}", "task.count=6", "devices=cpu2",
+                 "devices.threads_per_worker=1", "chunking=round_robin", "batch_size=1",
+                 f"outputs={tmp_path}", "progress=off"], timeout=110)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = (tmp_path / "sleep").iterdir()
     cfg = DevicesConfig(name="cpu2", backend="cpu", count=2, threads_per_worker=1)
@@ -102,11 +98,10 @@ def test_cpu2_workers_through_the_cli(tmp_path):
 def test_a_new_runs_workers_boot_while_discovery_runs(tmp_path):
     """Discovery takes 3 s here: the workers, spawned before it, have loaded their model
     long before their first item (spawned after it, they would load it just before)."""
-    r = subprocess.run(
-        [sys.executable, "-m", "runner", "task=sleep", f"task._target_={TARGET}", "task.count=4",
-         "+task.use_torch=false", "+task.discover_s=3.0", "devices=cpu2",
-         "devices.threads_per_worker=1", "batch_size=1", f"outputs={tmp_path}", "progress=off"],
-        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    r = run_cli(["task=sleep", f"task._target_={TARGET}", "task.count=4",
+                 "+task.use_torch=false", "+task.discover_s=3.0", "devices=cpu2",
+                 "devices.threads_per_worker=1", "batch_size=1", f"outputs={tmp_path}",
+                 "progress=off"], timeout=110)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = (tmp_path / "sleep").iterdir()
     by_slot = probes(run)
@@ -147,17 +142,17 @@ def run_executor(root: Path, slots, count: int) -> Path:
     rundir = RunDir(root).make()
     progress = Progress()
     progress.start({s.index: s.label for s in slots}, count, {})
-    sup = Supervisor(journal, sched, rundir, slots, 2, progress)
+    sup = Ledger(journal, sched, rundir, slots, 2, progress)
     rungs = tuple(task.model_chain(slots[0].backend))
 
     def make_spec(slot, incarnation):
         return WorkerSpec(slot, incarnation, task_cfg, rungs, 1, str(rundir.root),
                           str(rundir.worker_log(slot.index)), 0)
 
-    ex = LocalExecutor(sup, make_spec, max_restarts=0, grace_s=5.0, stop_timeout_s=5.0,
+    ex = LocalExecutor(make_spec, max_restarts=0, grace_s=5.0, stop_timeout_s=5.0,
                        start_timeout_s=120.0, prefetch=1)
     before = dict(os.environ)
-    ex.run(slots)
+    ex.run(slots, sup)
     assert dict(os.environ) == before, "the slot env must not leak into the controller"
     assert journal.counts() == {"pending": 0, "running": 0, "done": count, "failed": 0}
     journal.close()
@@ -186,4 +181,4 @@ def test_arc2_slots_each_see_their_own_card(tmp_path):
     seen = [probes(run)[s.index][0]["ZE_AFFINITY_MASK"] for s in slots]
     assert seen == ["0", "1"]  # plain ordinals: "0.0" is invalid under FLAT
     for s in slots:
-        assert "ZE_AFFINITY_MASK=0.0" not in identity(run, s.index)
+        assert "ZE_AFFINITY_MASK=0.0" not in identity_line(run, s.index)

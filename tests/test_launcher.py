@@ -1,4 +1,7 @@
-"""The process-per-device launcher (hydra_plugins/runner_launcher).
+"""Layer: processes (spawned sweep jobs, real SIGKILL); Hydra's launcher suites are its
+contract, the pool cases at the end are unit.
+
+The process-per-device launcher (hydra_plugins/runner_launcher).
 
 * Hydra's own launcher contract: LauncherTestSuite and IntegrationTestSuite from
   ``hydra.test_utils.launcher_common_tests``, run with ``hydra/launcher=runner`` on apps
@@ -13,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,30 +29,22 @@ from omegaconf import OmegaConf
 from hydra_plugins.runner_launcher import _pool
 from hydra_plugins.runner_launcher.launcher import RunnerLauncher
 from runner import devices as devices_mod
+from tests.conftest import ROOT, identity_line, query_journal, run_cli, sweep_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
 PROBE = ["task=sleep", "task._target_=tests.sweep_tasks.SweepProbeTask"]
 
 
 def sweep(tmp_path: Path, *overrides: str, timeout: int = 150) -> tuple[subprocess.CompletedProcess, Path]:
-    cmd = [sys.executable, "-m", "runner", "-m", f"outputs={tmp_path}", "progress=off",
-           "hydra.launcher.live=plain", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = run_cli(["-m", f"outputs={tmp_path}", "progress=off", "hydra.launcher.live=plain",
+                    *overrides], timeout=timeout)
     found = sorted((tmp_path / "multirun").glob("*/*/sweep.json"))
     assert found, f"no sweep.json; rc={proc.returncode}\n{proc.stderr[-3000:]}"
     return proc, found[-1].parent
 
 
-def jobs(sweep_dir: Path) -> dict[int, dict]:
-    return {j["num"]: j for j in json.loads((sweep_dir / "sweep.json").read_text())["jobs"]}
-
-
 def item_window(job_dir: Path) -> tuple[float, float]:
-    db = sqlite3.connect(f"file:{job_dir / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT min(started), max(finished) FROM items WHERE status='done'").fetchone()
-    finally:
-        db.close()
+    return query_journal(job_dir, "SELECT min(started), max(finished) FROM items "
+                                  "WHERE status='done'")[0]
 
 
 def max_overlap(windows: list[tuple[float, float]]) -> int:
@@ -101,11 +94,9 @@ class TestRunnerLauncherIntegration(IntegrationTestSuite):
 
 @pytest.mark.timeout(60)
 def test_cli_lists_the_plugin_and_its_fields() -> None:
-    info = subprocess.run([sys.executable, "-m", "runner", "--info", "plugins"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=50)
+    info = run_cli(["--info", "plugins"], timeout=50)
     assert "RunnerLauncher" in info.stdout, info.stdout[-2000:]
-    cfg = subprocess.run([sys.executable, "-m", "runner", "--cfg", "hydra", "-p", "hydra.launcher"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=50)
+    cfg = run_cli(["--cfg", "hydra", "-p", "hydra.launcher"], timeout=50)
     fields = yaml.safe_load(cfg.stdout.split("\n", 1)[1])  # first line: "# @package ..."
     assert fields["_target_"] == "hydra_plugins.runner_launcher.launcher.RunnerLauncher"
     assert {"max_parallel", "stagger_s", "fail_fast", "poll_s", "live"} <= set(fields)
@@ -117,7 +108,7 @@ def test_four_jobs_on_two_cpu_slots_run_two_at_a_time(tmp_path: Path) -> None:
     proc, sdir = sweep(tmp_path, *PROBE, "devices=cpu2", "task.count=20",
                        "task.ms=150,20,100,100")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = jobs(sdir)
+    rows = sweep_jobs(sdir)
     assert sorted(rows) == [0, 1, 2, 3] and all(r["state"] == "ok" for r in rows.values())
     assert {r["device"] for r in rows.values()} == {"cpu:0", "cpu:1"}
 
@@ -143,7 +134,7 @@ def test_four_jobs_on_two_cpu_slots_run_two_at_a_time(tmp_path: Path) -> None:
         assert (cfg.devices.count, cfg.devices.threads_per_worker, cfg.devices.workers_per_device) \
             == (1, threads, 1)
         assert len(yaml.safe_load((job / "plan.yaml").read_text())["slots"]) == 1
-        identity = (job / "logs" / "worker-0.log").read_text().splitlines()[0]
+        identity = identity_line(job, 0)
         assert f"CUDA_VISIBLE_DEVICES= threads={threads} OMP_NUM_THREADS={threads}" in identity
         assert f"devices.count=1" in (job / "rerun.sh").read_text()
     pids = {json.loads((Path(r["dir"]) / "job_env.json").read_text())["pid"] for r in rows.values()}
@@ -167,7 +158,7 @@ def test_a_raising_and_a_killed_job_leave_the_others_finishing(tmp_path: Path) -
                        "+task.fail=none,raise", "+task.kill_after=-1,3")
     assert proc.returncode == 1  # Hydra's sweeper reports the first failed job
     assert "killed by SIGKILL" in proc.stderr and "Traceback" not in proc.stderr
-    rows = jobs(sdir)
+    rows = sweep_jobs(sdir)
     ok, killed, raised, raised_too = rows[0], rows[1], rows[2], rows[3]
     assert ok["state"] == "ok" and ok["items_done"] == 10
     assert killed["state"] == "failed" and "SIGKILL" in killed["reason"]
@@ -195,7 +186,7 @@ def test_fail_fast_stops_handing_out_jobs(tmp_path: Path) -> None:
     proc, sdir = sweep(tmp_path, *PROBE, "devices=cpu", "task.count=3", "task.ms=10",
                        "+task.fail=raise,none,none", "hydra.launcher.fail_fast=true")
     assert proc.returncode == 1
-    rows = jobs(sdir)
+    rows = sweep_jobs(sdir)
     assert rows[0]["state"] == "failed"
     assert [rows[i]["state"] for i in (1, 2)] == ["not started", "not started"]
     assert not (sdir / "1").exists() and not (sdir / "2").exists()
@@ -207,7 +198,7 @@ def test_a_job_with_failed_items_makes_the_sweep_exit_3_and_stagger(tmp_path: Pa
     proc, sdir = sweep(tmp_path, *PROBE, "devices=cpu2", "task.count=4", "task.ms=10",
                        "+task.fail=none,items", "hydra.launcher.stagger_s=1.5")
     assert proc.returncode == 3, proc.stderr[-2000:]  # runner's code: finished, items failed
-    rows = jobs(sdir)
+    rows = sweep_jobs(sdir)
     assert rows[1]["started"] - rows[0]["started"] >= 1.5  # the stagger, with a device free
     assert rows[0]["state"] == "ok" and rows[1]["exit_code"] == 3
     line = next(x for x in (sdir / "sweep.md").read_text().splitlines() if x.startswith("| 1 |"))

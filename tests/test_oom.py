@@ -1,4 +1,6 @@
-"""The OOM ladder (issue 5): smaller batch, then the next model, recorded per item.
+"""Layer: processes (spawned workers); the is_oom table at the top is unit.
+
+The OOM ladder (issue 5): smaller batch, then the next model, recorded per item.
 
 Unit part: ``runner.oom.is_oom`` over a table of real-world messages, OOM and not.
 
@@ -12,9 +14,6 @@ what happens to the other device.
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,9 @@ import torch
 import yaml
 
 from runner.oom import is_oom
+from tests.conftest import query_journal, read_summary, run_cli
 from tests.oom_task import MPS_MESSAGE, make_oom
 
-ROOT = Path(__file__).resolve().parents[1]
 HALVED = "out of memory: batch halved"
 NEXT = "out of memory at batch size 1: next model"
 
@@ -93,21 +92,18 @@ class Run:
 
     def __init__(self, tmp_path: Path, count: int, *overrides: str):
         self.count = count
-        self.proc = subprocess.run(
-            [sys.executable, "-m", "runner", "task=sleep", "task._target_=tests.oom_task.OOMTask",
-             f"task.count={count}", "devices=cpu2", "chunking=contiguous",
-             f"outputs={tmp_path}", "progress=off", *overrides],
-            cwd=ROOT, capture_output=True, text=True, timeout=150)
+        self.proc = run_cli(
+            ["task=sleep", "task._target_=tests.oom_task.OOMTask", f"task.count={count}",
+             "devices=cpu2", "chunking=contiguous", f"outputs={tmp_path}", "progress=off",
+             *overrides], timeout=150)
         (self.dir,) = (tmp_path / "sleep").iterdir()
         assert (self.dir / "summary.json").exists(), self.proc.stderr[-3000:]
-        self.summary = json.loads((self.dir / "summary.json").read_text())
+        self.summary = read_summary(self.dir)
         self.plan = yaml.safe_load((self.dir / "plan.yaml").read_text())
-        db = sqlite3.connect(self.dir / "journal.sqlite")
         self.rows = {r[0]: dict(zip(("status", "attempts", "slot", "device", "model", "batch_size",
                                      "output", "error"), r[1:]))
-                     for r in db.execute("SELECT id, status, attempts, slot, device, model, "
-                                         "batch_size, output, error FROM items")}
-        db.close()
+                     for r in query_journal(self.dir, "SELECT id, status, attempts, slot, device, "
+                                            "model, batch_size, output, error FROM items")}
 
     def ladder(self, slot: int) -> list[list]:
         return self.summary["slots"][slot]["ladder"]

@@ -1,4 +1,6 @@
-"""The plan, through the real CLI, for every devices group (issue 2; starting rungs: issue 5).
+"""Layer: cli (dry runs of the real CLI as subprocesses).
+
+The plan, through the real CLI, for every devices group (issue 2; starting rungs: issue 5).
 
 Every run goes through ``runner.app.main`` in a subprocess wrapped so that, at exit, it
 prints which heavy modules the process had imported: a dry run must import none (no torch,
@@ -17,8 +19,8 @@ import yaml
 
 from runner import devices as devices_mod
 from runner.scheduler import assign
+from tests.conftest import ROOT, only_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "samples" / "corpus.jsonl"
 MODEL = "all-MiniLM-L6-v2"
 HEAVY = ("torch", "sentence_transformers", "transformers", "ctranslate2", "faster_whisper")
@@ -54,12 +56,6 @@ def heavy_modules(r: subprocess.CompletedProcess) -> list[str]:
     return [m for m in inner.split(",") if m]
 
 
-def the_run(tmp_path: Path, task: str = "embed") -> Path:
-    runs = list((tmp_path / task).iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
 def corpus_costs(n: int) -> list[float]:
     """What the embed task's cost estimate must be: the tokens the default model's own
     tokenizer gives each text (special tokens in, at most max_seq_length), first n lines."""
@@ -88,7 +84,7 @@ def test_dry_run_plan_for_every_devices_group(tmp_path, option):
     r = runner(tmp_path, "task=embed", f"devices={option}", "limit=20", "dry_run=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert heavy_modules(r) == [], "a dry run imported an accelerator stack"
-    run = the_run(tmp_path)
+    run = only_run_dir(tmp_path, "embed")
     plan = yaml.safe_load((run / "plan.yaml").read_text())
     backend, n = expected_slots(option)
     assert plan["devices"] == option and plan["backend"] == backend
@@ -141,7 +137,7 @@ def test_devices_ids_pick_the_cards(tmp_path):
                "dry_run=true")
     assert r.returncode == 0, r.stderr[-2000:]
     assert heavy_modules(r) == []
-    plan = yaml.safe_load((the_run(tmp_path) / "plan.yaml").read_text())
+    plan = yaml.safe_load((only_run_dir(tmp_path, "embed") / "plan.yaml").read_text())
     assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in plan["slots"]] == ["1", "3"]
     assert [s["device"] for s in plan["slots"]] == ["cuda:1", "cuda:3"]
     assert [s["device_id"] for s in plan["slots"]] == [1, 3]
@@ -152,7 +148,7 @@ def test_size_balanced_plan_shows_each_slots_share(tmp_path):
     r = runner(tmp_path, "task=embed", "devices=cpu4", "chunking=size_balanced", "limit=30",
                "dry_run=true")
     assert r.returncode == 0, r.stderr[-2000:]
-    plan = yaml.safe_load((the_run(tmp_path) / "plan.yaml").read_text())
+    plan = yaml.safe_load((only_run_dir(tmp_path, "embed") / "plan.yaml").read_text())
     assert plan["chunking"] == "size_balanced"
     costs = corpus_costs(30)
     items = sorted(((str(i + 1), c) for i, c in enumerate(costs)), key=lambda t: -t[1])
@@ -171,7 +167,7 @@ def test_unavailable_model_is_skipped_at_plan_time(tmp_path):
     r = runner(tmp_path, "task=embed", "devices=cpu2", "limit=5", "dry_run=true",
                f"task.models=[no-such-model-xyz,{MODEL}]")
     assert r.returncode == 0, r.stderr[-2000:]
-    plan = yaml.safe_load((the_run(tmp_path) / "plan.yaml").read_text())
+    plan = yaml.safe_load((only_run_dir(tmp_path, "embed") / "plan.yaml").read_text())
     chain = plan["chain"]["cpu"]
     assert [(c["name"], c["available"]) for c in chain] == [("no-such-model-xyz", False),
                                                             (MODEL, True)]

@@ -1,4 +1,6 @@
-"""The README's example as a test: the real CLI in a subprocess, its run dir checked.
+"""Layer: cli (the README's commands as subprocesses).
+
+The README's example as a test: the real CLI in a subprocess, its run dir checked.
 
 1. ``python -m runner`` with only ``outputs=`` and ``progress=plain`` -- what ``make run``
    runs: task=subtitles devices=auto (one CPU worker here) over samples/audio with the
@@ -13,16 +15,13 @@ from __future__ import annotations
 import json
 import random
 import re
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, journal_statuses, only_run_dir, run_cli, worker_pids
 from tests.speech import synthesise, wer
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "audio"
 SRT_TIME = re.compile(r"^(\d\d):([0-5]\d):([0-5]\d),(\d{3}) --> (\d\d):([0-5]\d):([0-5]\d),(\d{3})$")
 VTT_TIME = re.compile(r"^(\d\d):([0-5]\d):([0-5]\d)\.(\d{3}) --> (\d\d):([0-5]\d):([0-5]\d)\.(\d{3})$")
@@ -31,17 +30,6 @@ SENTENCES = [
     "Please turn off the lights when you leave the room.",
     "They walked along the beach and collected shells.",
 ]
-
-
-def cli(overrides: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def only_run_dir(outputs: Path) -> Path:
-    dirs = [p.parent for p in outputs.glob("subtitles/*/plan.yaml")]
-    assert len(dirs) == 1, f"expected one run dir under {outputs}, found {dirs}"
-    return dirs[0]
 
 
 def _ms(g: tuple[str, ...]) -> int:
@@ -70,23 +58,6 @@ def parse_cues(text: str, timing: re.Pattern, header: str | None = None) -> list
     return cues
 
 
-def worker_pids(run_dir: Path) -> list[int]:
-    pids = []
-    for log in sorted((run_dir / "logs").glob("worker-*.log")):
-        first = log.read_text().splitlines()[0]
-        assert first.startswith("PID="), f"{log.name} starts with {first!r}"
-        pids.append(int(first.split()[0][4:]))
-    return pids
-
-
-def journal_statuses(run_dir: Path) -> dict[str, str]:
-    db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return dict(db.execute("SELECT id, status FROM items").fetchall())
-    finally:
-        db.close()
-
-
 def transcripts() -> dict[str, str]:
     out = {}
     for line in (SAMPLES / "TRANSCRIPTS.txt").read_text().splitlines():
@@ -103,9 +74,9 @@ def out_name(rel: str) -> str:
 
 @pytest.mark.timeout(150)
 def test_readme_default_run_makes_subtitles_for_the_samples(tmp_path):
-    proc = cli([f"outputs={tmp_path}", "progress=plain"], timeout=140)
+    proc = run_cli([f"outputs={tmp_path}", "progress=plain"], timeout=140)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run = only_run_dir(tmp_path)
+    run = only_run_dir(tmp_path, "subtitles")
     refs = transcripts()
     assert len(refs) == 3 and all((SAMPLES / n).is_file() for n in refs)
 
@@ -152,10 +123,10 @@ def speech_folder(tmp_path) -> tuple[Path, dict[str, str]]:
 def test_two_workers_bad_files_fail_alone_outputs_mirror_input(tmp_path, speech_folder):
     root, refs = speech_folder
     out = tmp_path / "out"
-    proc = cli(["task=subtitles", "devices=cpu2", "task.formats=[srt,vtt,json]",
-                f"task.input={root}", f"outputs={out}", "progress=plain"], timeout=140)
+    proc = run_cli(["task=subtitles", "devices=cpu2", "task.formats=[srt,vtt,json]",
+                    f"task.input={root}", f"outputs={out}", "progress=plain"], timeout=140)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run = only_run_dir(out)
+    run = only_run_dir(out, "subtitles")
 
     # the bad files: failed, each with one line naming the file
     summary = json.loads((run / "summary.json").read_text())

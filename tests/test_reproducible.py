@@ -1,4 +1,7 @@
-"""Reproducible run dirs: what a run dir records, rerun.sh, and dirs that are never shared.
+"""Layer: cli (runs and their rerun.sh as subprocesses); the same-microsecond case spawns two
+resolvers in processes of their own.
+
+Reproducible run dirs: what a run dir records, rerun.sh, and dirs that are never shared.
 
 * An embed run on CPU re-run through its own rerun.sh gives bitwise-identical vectors; a
   subtitles run gives identical cue text. The first run dir is left untouched.
@@ -20,12 +23,11 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, cli, run_cli
 
 
 def run(*args: str, timeout: int = 200) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = run_cli(args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -131,8 +133,8 @@ def test_a_sweep_jobs_rerun_repeats_its_device(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_two_runs_started_in_the_same_second_get_distinct_dirs(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "runner", "task=sleep", "task.count=2", "dry_run=true",
-           f"outputs={tmp_path}", "progress=off"]
+    cmd = cli(["task=sleep", "task.count=2", "dry_run=true", f"outputs={tmp_path}",
+               "progress=off"])
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for _ in range(2)]
     for p in procs:

@@ -1,4 +1,6 @@
-"""Resume (issue 4): a controller SIGKILLed mid-run, then ``resume=latest`` finishes the job
+"""Layer: processes (spawned workers, real signals).
+
+Resume (issue 4): a controller SIGKILLed mid-run, then ``resume=latest`` finishes the job
 with nothing lost or duplicated; what a resume may and may not change; checkpoint=off.
 
 Every run is a real ``python -m runner`` subprocess with tests.faulty_task.FaultyTask.
@@ -8,66 +10,36 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 
 import pytest
 
-from tests.faulty_task import (REPO, check_consistent, cli, cli_args, identities, item_id,
-                               journal_rows, only_run_dir, output_files, run_cli, run_dirs)
-
-
-def _mtimes(run_dir, rows):
-    return {i: os.stat(run_dir / r["output"]).st_mtime_ns for i, r in rows.items()
-            if r["status"] == "done"}
-
-
-def _summary(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def _committed_done(run_dir) -> int:
-    try:
-        db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return db.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.conftest import (alive, check_consistent, cli_args, committed, done_mtimes,
+                            identities, journal_rows, only_run_dir, output_files,
+                            outputs_written, read_summary, run_cli, run_dirs, start_run,
+                            stop_leftover, wait_until)
+from tests.faulty_task import item_id
 
 
 @pytest.mark.timeout(120)
 def test_controller_sigkilled_then_resume_latest(tmp_path):
     count = 60
     args = cli_args(tmp_path, "batch_size=2", count=count, ms=40)
-    proc = subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_run(args, stdout=subprocess.DEVNULL)
+
+    def some_done_committed():  # (the journal commits every 0.5 s)
+        dirs = run_dirs(tmp_path)
+        return bool(dirs) and outputs_written(tmp_path) >= 12 and committed(dirs[0], "done") > 0
+
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            dirs = run_dirs(tmp_path)
-            # kill once the journal has committed some done items (it commits every 0.5 s)
-            if (dirs and len(list((dirs[0] / "faulty").glob("*.json"))) >= 12
-                    and _committed_done(dirs[0]) > 0):
-                break
-            time.sleep(0.02)
+        # kill once the journal has committed some done items, or the run has ended
+        wait_until(lambda: proc.poll() is not None or some_done_committed(), 60)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the controller, and nothing else
         proc.wait(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_leftover(proc)
     assert proc.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path)
 
@@ -75,13 +47,13 @@ def test_controller_sigkilled_then_resume_latest(tmp_path):
     pids = [int(x["PID"]) for x in identities(run_dir)]
     assert len(pids) == 2
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), "workers outlived their SIGKILLed controller"
+    assert not any(alive(p) for p in pids), "workers outlived their SIGKILLed controller"
 
     # what the kill left: a consistent but unfinished journal
     rows = check_consistent_after_kill(run_dir, count)
-    done_before = _mtimes(run_dir, rows)
+    done_before = done_mtimes(run_dir, rows)
     running_before = sum(r["status"] == "running" for r in rows.values())
     assert 0 < len(done_before) < count
 
@@ -91,12 +63,12 @@ def test_controller_sigkilled_then_resume_latest(tmp_path):
     rows = check_consistent(run_dir, count)
     assert all(r["status"] == "done" for r in rows.values())
     # done items were skipped without being touched; nothing was done twice
-    assert _mtimes(run_dir, {i: rows[i] for i in done_before}) == done_before
+    assert done_mtimes(run_dir, {i: rows[i] for i in done_before}) == done_before
     plan_items = _plan(run_dir)["items"]
     assert plan_items["already_done"] == len(done_before)
     assert plan_items["running_to_pending"] == running_before
     assert plan_items["count"] == count - len(done_before)
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     assert summary["items_done"] == count - len(done_before)
     assert summary["counts"] == {"pending": 0, "running": 0, "done": count, "failed": 0}
     assert len(output_files(run_dir)) == count
@@ -131,7 +103,7 @@ def test_failed_items_retried_only_with_retry_failed(tmp_path):
     run_dir = only_run_dir(tmp_path)
     rows = check_consistent(run_dir, count)
     assert rows[item_id(3)]["status"] == "failed" and rows[item_id(3)]["attempts"] == 1
-    done = _mtimes(run_dir, rows)
+    done = done_mtimes(run_dir, rows)
     assert "retry them with: python -m runner" in res.stderr
     assert "resume.retry_failed=true" in res.stderr
 
@@ -141,8 +113,8 @@ def test_failed_items_retried_only_with_retry_failed(tmp_path):
     rows2 = check_consistent(run_dir, count)
     same = ("status", "attempts", "error", "output", "started", "finished")
     assert {k: rows2[item_id(3)][k] for k in same} == {k: rows[item_id(3)][k] for k in same}
-    assert _mtimes(run_dir, rows2) == done
-    assert _summary(run_dir)["items_done"] == 0
+    assert done_mtimes(run_dir, rows2) == done
+    assert read_summary(run_dir)["items_done"] == 0
     assert len(identities(run_dir)) == 2, "workers were started with nothing to do"
 
     # resume.retry_failed=true runs it again (attempts start over); done items untouched
@@ -151,8 +123,8 @@ def test_failed_items_retried_only_with_retry_failed(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows3 = check_consistent(run_dir, count)
     assert rows3[item_id(3)]["status"] == "done" and rows3[item_id(3)]["attempts"] == 1
-    assert {i: m for i, m in _mtimes(run_dir, rows3).items() if i != item_id(3)} == done
-    assert _summary(run_dir)["items_done"] == 1
+    assert {i: m for i, m in done_mtimes(run_dir, rows3).items() if i != item_id(3)} == done
+    assert read_summary(run_dir)["items_done"] == 1
     assert _plan(run_dir)["items"]["failed_retried"] == 1
     lines = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
     assert [x["retry_failed"] for x in lines] == [False, True]
@@ -186,7 +158,7 @@ def test_resume_may_change_devices_batch_chunking_limit(tmp_path):
     res = run_cli(cli_args(tmp_path, "limit=6", count=12))
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
-    done = _mtimes(run_dir, journal_rows(run_dir))
+    done = done_mtimes(run_dir, journal_rows(run_dir))
     assert len(done) == 6
 
     changes = ["devices=cpu", "batch_size=3", "chunking=round_robin", "limit=10"]
@@ -197,7 +169,7 @@ def test_resume_may_change_devices_batch_chunking_limit(tmp_path):
         [item_id(i) for i in range(10)]
     assert {rows[item_id(i)]["batch_size"] for i in range(6, 10)} <= {1, 2, 3}
     assert {rows[item_id(i)]["device"] for i in range(6, 10)} == {"cpu:0"}
-    assert {i: m for i, m in _mtimes(run_dir, rows).items() if i in done} == done
+    assert {i: m for i, m in done_mtimes(run_dir, rows).items() if i in done} == done
     resume = json.loads((run_dir / "resumes.jsonl").read_text())
     for change in changes:
         assert change in resume["overrides"], resume
@@ -214,7 +186,7 @@ def test_checkpoint_off_keeps_no_journal_and_resume_finds_nothing(tmp_path):
     run_dir = only_run_dir(tmp_path)
     assert not list(run_dir.glob("journal.sqlite*"))
     assert {f["id"] for f in output_files(run_dir).values()} == {item_id(i) for i in range(count)}
-    assert _summary(run_dir)["counts"]["done"] == count
+    assert read_summary(run_dir)["counts"]["done"] == count
 
     # resume=latest looks for a journal; an off run has none: one line, exit 1
     res = run_cli(cli_args(tmp_path, "resume=latest", count=count))

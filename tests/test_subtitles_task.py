@@ -1,4 +1,6 @@
-"""The subtitles task called directly (no executor): discovery, models, outputs, errors."""
+"""Layer: unit (the task called in-process, no workers; ffmpeg and espeak-ng make its inputs).
+
+The subtitles task called directly (no executor): discovery, models, outputs, errors."""
 from __future__ import annotations
 
 import itertools

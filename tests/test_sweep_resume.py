@@ -1,4 +1,6 @@
-"""Resuming a half-finished sweep (``-m ... resume=latest``, see _resume.py).
+"""Layer: processes (spawned sweep jobs, a real SIGKILL), through the CLI's sweep commands.
+
+Resuming a half-finished sweep (``-m ... resume=latest``, see _resume.py).
 
 First run, one CPU slot, fail_fast: job 0 finishes, job 1's process is SIGKILLed mid-run
 (its journal holds some done items), jobs 2 and 3 are never started. The resume (on two
@@ -8,34 +10,20 @@ directories; job 1 resumes its own journal; job 0 is not touched.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import query_journal, run_cli, sweep_jobs
+
 SWEEP = ["task=sleep", "task._target_=tests.sweep_tasks.SweepProbeTask", "task.count=20",
          "task.ms=50", "+task.kill_after=-1,15,-1,-1", "progress=off", "hydra.launcher.live=off"]
 
 
 def runner(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", "-m", f"outputs={tmp_path}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
-
-
-def rows(sweep_dir: Path) -> dict[int, dict]:
-    return {j["num"]: j for j in json.loads((sweep_dir / "sweep.json").read_text())["jobs"]}
-
-
-def journal(job_dir: Path, sql: str) -> list[tuple]:
-    db = sqlite3.connect(f"file:{job_dir / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
+    return run_cli(["-m", f"outputs={tmp_path}", *args], timeout=150)
 
 
 @pytest.mark.timeout(280)
@@ -43,11 +31,11 @@ def test_resume_reruns_only_unfinished_jobs_in_place(tmp_path: Path) -> None:
     first = runner(tmp_path, *SWEEP, "devices=cpu", "hydra.launcher.fail_fast=true")
     assert first.returncode == 1, first.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "multirun" / "sleep").iterdir()
-    before = rows(sweep_dir)
+    before = sweep_jobs(sweep_dir)
     assert [before[i]["state"] for i in range(4)] == ["ok", "failed", "not started", "not started"]
     assert "SIGKILL" in before[1]["reason"]
     job0, job1 = sweep_dir / "0", sweep_dir / "1"
-    done_before = journal(job1, "SELECT count(*) FROM items WHERE status='done'")[0][0]
+    done_before = query_journal(job1, "SELECT count(*) FROM items WHERE status='done'")[0][0]
     assert 0 < done_before < 20, done_before  # half-finished, and its journal kept that
     stamp0 = (job0 / "summary.json").stat().st_mtime_ns
 
@@ -56,7 +44,7 @@ def test_resume_reruns_only_unfinished_jobs_in_place(tmp_path: Path) -> None:
     # the same sweep dir, no new one; the numbers and directories kept
     assert [p.name for p in (tmp_path / "multirun" / "sleep").iterdir()] == [sweep_dir.name]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
-    after = rows(sweep_dir)
+    after = sweep_jobs(sweep_dir)
     assert all(after[i]["state"] == "ok" for i in range(4)), after
     assert [after[i]["runs"] for i in range(4)] == [1, 2, 1, 1]
     assert [after[i]["dir"] for i in range(4)] == [str(sweep_dir / str(i)) for i in range(4)]
@@ -74,9 +62,10 @@ def test_resume_reruns_only_unfinished_jobs_in_place(tmp_path: Path) -> None:
     assert hydra_cfg.hydra.job.num == 1
     assert f"resume.run='{job1}'" in list(hydra_cfg.hydra.overrides.task)
     resumed_at = json.loads((job1 / "resumes.jsonl").read_text().splitlines()[-1])["time"]
-    kept = journal(job1, f"SELECT count(*) FROM items WHERE status='done' AND finished < {resumed_at}")
+    kept = query_journal(job1, "SELECT count(*) FROM items WHERE status='done' AND finished < ?",
+                         [resumed_at])
     assert kept[0][0] == done_before
-    assert journal(job1, "SELECT count(*) FROM items WHERE status='done'")[0][0] == 20
+    assert query_journal(job1, "SELECT count(*) FROM items WHERE status='done'")[0][0] == 20
     assert json.loads((job1 / "summary.json").read_text())["items_done"] == 20 - done_before
 
     # jobs 2 and 3 ran fresh where the first run would have put them
@@ -96,7 +85,7 @@ def test_resume_with_other_overrides_is_refused_before_anything_runs(tmp_path: P
     assert again.returncode == 1
     err = again.stderr.strip().splitlines()
     assert any("are not a job of the sweep" in line and "seed=3" in line for line in err), err
-    assert [r["runs"] for r in rows(sweep_dir).values()] == [1, 1]
+    assert [r["runs"] for r in sweep_jobs(sweep_dir).values()] == [1, 1]
     assert list((tmp_path / "multirun" / "sleep").iterdir()) == [sweep_dir]  # no stray dir
     nothing = runner(tmp_path / "empty", "task=sleep", "seed=1,2", "resume=latest")
     assert nothing.returncode == 1 and "no sweep with a sweep.json" in nothing.stderr

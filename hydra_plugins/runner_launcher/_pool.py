@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 
 LEASE_VARIABLE = "RUNNER_SWEEP_DEVICE"
 
-_PROBE = {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def make_pool(config: DictConfig, max_parallel: Optional[int]) -> list[Lease]:
         return [Lease(i, f"slot:{i}", None, None, None) for i in range(max_parallel or 1)]
     from runner import devices as devices_mod
 
-    inventory = devices_mod.discover(_PROBE.get(str(devices.backend), ()))
+    inventory = devices_mod.discover(devices_mod.backends_to_probe(str(devices.backend)))
     slots = devices_mod.make_slots(devices, inventory)
     leases: list[Lease] = []
     if slots[0].backend == "cpu":

@@ -1,7 +1,14 @@
-"""The supervisor: what every executor does with results, failures and deaths.
+"""The ledger: the consequences of every executor event, and the only writer of the journal.
 
-Executors (local processes, Ray actors) own mechanics: starting, waiting, killing. They
-report events here; this module owns the consequences, identically for every executor:
+    Executor loop (executor.py) ──events──> Ledger ──mark_* / requeue──> Journal, Scheduler
+      next_batch, sent, unsent               │
+      items_done, item_failed, batch_done    ├──> logs/errors/<name>.json, progress display
+      worker_ready, rung_changed             └──> SlotStats (summary.json)
+      worker_gone, replies_lost, stop_requested
+
+The executor owns the loop and its mechanics own processes or actors (starting, waiting,
+killing); this module owns what follows from what they report, identically for every
+executor:
 
 * dispatch: ``next_batch`` marks items running (attempt + 1) and remembers them in flight;
 * results: done -> journal; failed -> retried, or failed for good with an error file;
@@ -49,7 +56,7 @@ class SlotStats:
 
 
 
-class Supervisor:
+class Ledger:
     def __init__(self, journal: Journal, scheduler: Scheduler, rundir: RunDir, slots: list[Slot],
                  max_attempts: int, progress: Progress):
         self.journal = journal

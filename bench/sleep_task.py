@@ -1,2 +1,0 @@
-"""Kept for old command lines and scripts: the sleep task is ``runner.tasks.sleep`` now."""
-from runner.tasks.sleep import SleepTask  # noqa: F401
