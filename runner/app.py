@@ -205,6 +205,7 @@ def main() -> None:
     try:
         config_mod.check_group_options(sys.argv, Path(CONF))
         resume_mod.check_resume(sys.argv, CONF)
+        sys.argv = resume_mod.claim_for(sys.argv, CONF)
     except ConfigError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         sys.exit(ExitCode.START)

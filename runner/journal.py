@@ -5,21 +5,8 @@ model, batch_size, started, finished, output, error — plus the controller's ow
 seq (discovery order), cost, payload, planned_slot and gen (the invocation that last saw
 the item). ``checkpoint=off`` keeps the same journal in memory.
 
-Item states and their legal moves (:func:`check_transition` refuses the rest)::
-
-    (new) --> pending --> running --> done
-       |         ^  |        |  \\
-       |         |  +--------|---> failed   (bad input found at discovery)
-       |         +-----------+       ^      (worker died, interrupted, retryable error)
-       +--> failed <-----------------+      (bad input, or attempts exhausted)
-    failed --> pending                      (resume.retry_failed=true only)
-
-A resume that finds an item's input changed since it was done or failed moves it back
-(:meth:`Journal.requeue_changed`, the one exception to the table above, called only by
-:mod:`runner.intake` before any work is dispatched)::
-
-    done | failed --> pending               (its fingerprint changed: make it again)
-    done | pending | running --> failed     (it changed into bad input)
+Item states and their legal moves: :mod:`runner.item_states` (:func:`check_transition`
+refuses the rest; the UPDATEs here move an item only from a state it may leave).
 
 Identity columns: ``name`` is what the item's files are named from (set once, at its first
 discovery, never changed); ``name_key`` is its case- and normalisation-folded form, UNIQUE,
@@ -36,55 +23,22 @@ import functools
 import json
 import sqlite3
 import time
-from enum import Enum
 from itertools import islice
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
 from runner import names
+from runner.item_states import IllegalTransition, ItemStatus, check_transition, sources
 from runner.rundir import apply_umask
 from runner.tasks.base import Item
-
-
-class ItemStatus(str, Enum):
-    NEW = "new"  # not yet in the journal
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-_LEGAL: dict[ItemStatus, frozenset[ItemStatus]] = {
-    ItemStatus.NEW: frozenset({ItemStatus.PENDING, ItemStatus.FAILED}),
-    ItemStatus.PENDING: frozenset({ItemStatus.RUNNING, ItemStatus.FAILED}),
-    ItemStatus.RUNNING: frozenset({ItemStatus.DONE, ItemStatus.FAILED, ItemStatus.PENDING}),
-    ItemStatus.FAILED: frozenset({ItemStatus.PENDING}),
-    ItemStatus.DONE: frozenset(),
-}
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
-def check_transition(old: ItemStatus, new: ItemStatus) -> None:
-    """The one place that says which moves are legal."""
-    if new not in _LEGAL[old]:
-        raise IllegalTransition(f"item state {old.value} -> {new.value} is not allowed")
-
-
-@functools.cache
-def _from(new: ItemStatus) -> tuple[str, ...]:
-    """The states an item may be in to move to ``new`` (for SQL WHERE clauses)."""
-    return tuple(s.value for s, targets in _LEGAL.items() if new in targets and s != ItemStatus.NEW)
 
 
 @functools.cache
 def _update_sql(new: ItemStatus, sets: str) -> str:
     """The UPDATE that moves one item to ``new`` only from a state it may leave for it."""
     return (f"UPDATE items SET status=?, {sets} WHERE id=? "
-            f"AND status IN ({','.join('?' * len(_from(new)))})")
+            f"AND status IN ({','.join('?' * len(sources(new)))})")
 
 
 _SCHEMA = """
@@ -336,7 +290,7 @@ class Journal:
 
     # ---- state changes (controller only) --------------------------------------------------
     def _move(self, item_id: str, new: ItemStatus, sets: str, args: tuple) -> None:
-        if self._db.execute(_update_sql(new, sets), (new.value, *args, item_id, *_from(new))
+        if self._db.execute(_update_sql(new, sets), (new.value, *args, item_id, *sources(new))
                             ).rowcount != 1:
             row = self._db.execute("SELECT status FROM items WHERE id=?", (item_id,)).fetchone()
             check_transition(ItemStatus(row[0]) if row else ItemStatus.NEW, new)
@@ -350,7 +304,7 @@ class Journal:
             for item_id, args in rows:
                 self._move(item_id, new, sets, args)
             return
-        allowed = _from(new)
+        allowed = sources(new)
         self._db.execute("SAVEPOINT move_many")
         try:
             moved = self._db.executemany(_update_sql(new, sets), [

@@ -36,11 +36,45 @@ def claim_run_dir(outputs: str | Path, task: str) -> Path:
                       f"start the run again")
 
 
-class RunDirResolver:
-    """OmegaConf resolver for hydra.run.dir; answers the same within one process.
+def new_run_dir(outputs: str | Path, task: str) -> Path:
+    """The name a new run's dir would get now (nothing is made): the timestamp, or its
+    ``-<pid>`` variant when that exists already."""
+    base = Path(outputs) / task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    return base.with_name(f"{base.name}-{os.getpid()}") if base.exists() else base
 
-    Hydra makes ``hydra.run.dir`` itself right after resolving it (and shares it if it
-    exists), so the claim has to happen here, before: it is :func:`claim_run_dir`."""
+
+# what makes Hydra print or inspect instead of running a job: nothing to claim
+_NO_JOB = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
+           "-sc", "--version", "--resolve", "--package", "-p", "-m", "--multirun")
+
+
+def claim_for(argv: list[str], conf: str) -> list[str]:
+    """A new single run: make and own its dir here (:func:`claim_run_dir`) and hand it to
+    Hydra as ``hydra.run.dir=...``, so that no config resolver creates anything. Other
+    command lines (a resume, a sweep, --help, --cfg, a run dir given) are left as typed."""
+    args = argv[1:]
+    if any(a.split("=", 1)[0] in _NO_JOB for a in args) or any(
+            a.startswith(("hydra.run.dir=", "resume.run=", "+hydra.run.dir=")) for a in args):
+        return argv
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import quote_value
+
+    overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        outputs, task, resume = cfg.outputs, cfg.task.name, cfg.resume.run
+    except Exception:  # a bad override: Hydra itself reports it next
+        return argv
+    if resume or any(c in str(outputs) for c in "'\"\\,"):
+        return argv  # (a path Hydra's grammar needs escapes for: the resolver names it)
+    return [*argv, quote_value(f"hydra.run.dir={claim_run_dir(outputs, task)}")]
+
+
+class RunDirResolver:
+    """OmegaConf resolver for hydra.run.dir; answers the same within one process. It names
+    and never makes: a new run's dir is claimed before Hydra starts (:func:`claim_for`)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple, str] = {}
@@ -54,7 +88,7 @@ class RunDirResolver:
     @staticmethod
     def _resolve(outputs: str, task: str, resume: str | None) -> str:
         if resume in (None, "", "None", "null"):
-            return str(claim_run_dir(outputs, task))
+            return str(new_run_dir(outputs, task))
         return str(find_run(outputs, task, resume))
 
 

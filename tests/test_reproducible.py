@@ -150,12 +150,13 @@ class _Frozen(datetime):
 
 
 def _claim(outputs: str, barrier, queue) -> None:
-    """In a process of its own: resolve a new run dir at a frozen instant."""
+    """In a process of its own: claim a new run dir at a frozen instant (what main() does
+    before Hydra starts; the config resolver only names)."""
     import runner.resume as resume_mod
 
     resume_mod.datetime = _Frozen
     barrier.wait(30)
-    queue.put(resume_mod.RunDirResolver()(outputs, "sleep", None))
+    queue.put(str(resume_mod.claim_run_dir(outputs, "sleep")))
 
 
 @pytest.mark.timeout(120)

@@ -3,6 +3,7 @@ one-line errors, the run dir claimed by callable code, the mechanics protocol.""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from runner.errors import ExitCode, describe, one_line
 from runner.executor import Executor, IllegalSlotMove, SlotState, check_slot_move, _SLOT_MOVES
 from runner.resume import claim_run_dir
 
+ROOT = Path(__file__).resolve().parents[1]
 LEGAL = {(a, b) for a, targets in _SLOT_MOVES.items() for b in targets}
 
 
@@ -59,3 +61,19 @@ def test_both_backends_implement_the_mechanics_protocol():
     assert wanted <= set(dir(RayMechanics))
     private = {n for n in vars(LocalMechanics) if n.startswith("_") and not n.startswith("__")}
     assert not private & set(vars(Executor))  # mechanics replace no part of the loop
+
+
+def test_resolving_the_config_makes_no_dir_and_main_claims_one(tmp_path):
+    import subprocess
+    import sys
+
+    from runner.resume import RunDirResolver
+
+    named = RunDirResolver()(str(tmp_path / "out"), "embed", None)
+    assert not (tmp_path / "out").exists() and named.startswith(str(tmp_path / "out" / "embed"))
+    r = subprocess.run([sys.executable, "-m", "runner", "task=embed", "devices=cpu", "limit=2",
+                        "dry_run=true", f"outputs={tmp_path / 'out'}"], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = (tmp_path / "out" / "embed").iterdir()
+    assert (run / "plan.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
