@@ -11,7 +11,8 @@ The rule for one path component (:func:`component`):
 * escaped as ``%XX`` (UTF-8 bytes, upper-case hex): ``/`` inside an id that is not a path,
   NUL and the other control characters (C0, DEL, C1) and ``%`` itself -- so the escape is
   reversible and the mapping injective; a lone surrogate (an undecodable file-name byte
-  0x80-0xFF) becomes ``%XX`` of that byte, any other lone surrogate ``%uXXXX``;
+  0x80-0xFF) becomes ``%`` and that byte in two hex digits, any other lone surrogate ``%u``
+  and its code point in four hex digits;
 * ``.`` and ``..`` become ``%2E`` and ``%2E%2E``; an empty id becomes ``%``;
 * a component longer than :data:`NAME_BUDGET` bytes is cut at a character boundary and
   ends in ``~`` + 10 hex digits of a hash of the whole id (stable across runs).

@@ -43,9 +43,11 @@ def new_run_dir(outputs: str | Path, task: str) -> Path:
     return base.with_name(f"{base.name}-{os.getpid()}") if base.exists() else base
 
 
-# what makes Hydra print or inspect instead of running a job: nothing to claim
+# what makes Hydra print or inspect instead of running a job (nothing to claim), or compose
+# from another config than conf/ (the resolver names that run's dir)
 _NO_JOB = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
-           "-sc", "--version", "--resolve", "--package", "-p", "-m", "--multirun")
+           "-sc", "--version", "--resolve", "--package", "-p", "-m", "--multirun",
+           "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
 def claim_for(argv: list[str], conf: str) -> list[str]:
