@@ -13,6 +13,7 @@ the controller journals the items and plans); a resume or a Ray run spawns after
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
@@ -25,11 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from runner import config as config_mod
 from runner import intake, provenance, resume as resume_mod
 from runner.context import RunContext, prepare
-from runner.errors import ConfigError, ExitCode
+from runner.errors import ConfigError, ExitCode, StorageError, storage_problem
 from runner.journal import Journal
 from runner.plan import build as build_plan
 from runner.progress import make_progress
-from runner.report import outcome
+from runner.processes import StopSignal, stop_signals_raise
+from runner.report import EarlyStop, outcome
 from runner.rundir import atomic_write_json, remove_stale_temps
 from runner.scheduler import Scheduler
 from runner.ledger import Ledger
@@ -46,12 +48,22 @@ def setup() -> None:
 
 
 class _InterruptedOutsideRun(Exception):
-    """Ctrl-C before the executor takes over SIGINT (discovery) or after it gives it back
-    (finalize, report): its message is the one line to print."""
+    """Ctrl-C, SIGTERM or SIGHUP before the executor takes over the signals (discovery) or
+    after it gives them back (finalize, report): its message is the one line to print."""
+
+    def __init__(self, message: str, code: ExitCode):
+        super().__init__(message)
+        self.code = code
+
+
+def _signal_code(exc: BaseException) -> ExitCode:
+    """The exit code of a stop signal caught as an exception."""
+    return ExitCode.for_signal(exc.signame) if isinstance(exc, StopSignal) else ExitCode.INTERRUPTED
 
 
 def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
     """One job, start to finish. Returns the exit code."""
+    stop_signals_raise()  # (again: a sweep's job process does not pass through main())
     try:
         return _run(cfg, argv or sys.argv)
     except ConfigError as exc:
@@ -61,7 +73,23 @@ def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
     except _InterruptedOutsideRun as exc:
         print(f"runner: {exc}", file=sys.stderr)
         _to_log_files(logging.WARNING, str(exc))
-        return ExitCode.INTERRUPTED
+        return exc.code
+    except StopSignal as exc:  # before the run dir and journal exist
+        print(f"runner: stopped by {exc.signame} while starting; nothing ran: start the "
+              f"command again", file=sys.stderr)
+        return ExitCode.for_signal(exc.signame)
+    except Exception as exc:
+        problem = exc.args[0] if isinstance(exc, StorageError) else storage_problem(exc)
+        if problem is None:
+            raise
+        then = (f"resume with: {exc.args[1]}" if isinstance(exc, StorageError)
+                and len(exc.args) > 1 else "start the command again")
+        line = (f"stopped: could not write: {problem}; no item was charged and the journal "
+                f"keeps what it had. Free space or fix the folder, then {then}")
+        print(f"runner: {line}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            _to_log_files(logging.ERROR, line)
+        return ExitCode.STORAGE
 
 
 def _to_log_files(level: int, msg: str) -> None:
@@ -74,6 +102,16 @@ def _to_log_files(level: int, msg: str) -> None:
 
 def _run(cfg: DictConfig, argv: list[str]) -> int:
     ctx = prepare(cfg, argv)
+    try:
+        return _run_in(ctx, cfg)
+    except Exception as exc:  # the controller's own write refused: the journal, a report
+        problem = str(exc) if isinstance(exc, StorageError) else storage_problem(exc)
+        if problem is None or cfg.checkpoint.policy != "resume":
+            raise
+        raise StorageError(problem, ctx.resume_command) from None
+
+
+def _run_in(ctx: RunContext, cfg: DictConfig) -> int:
     keep = cfg.checkpoint.policy == "resume" and not cfg.dry_run
     journal = Journal(ctx.rundir.journal if keep else None, cfg.checkpoint.commit_every_s,
                       shared_outputs=bool(getattr(ctx.task, "shared_outputs", False)))
@@ -94,19 +132,22 @@ def _run(cfg: DictConfig, argv: list[str]) -> int:
         count = plan.items["count"]
         log.info("run dir %s: %d item(s) to do on %d slot(s)", ctx.rundir.root, count,
                  len(ctx.slots))
-        ledger, interrupted, wall, t0 = _execute(ctx, journal, scheduler, load, count, early)
+        ledger, stop, wall, t0 = _execute(ctx, journal, scheduler, load, count, early)
         try:
-            return outcome(ctx, journal, ledger, interrupted, wall, t0)
-        except KeyboardInterrupt:
+            return outcome(ctx, journal, ledger, stop, wall, t0)
+        except (KeyboardInterrupt, StopSignal) as exc:
             again = (f"finish it with: {ctx.resume_command}" if journal.path else
                      "checkpoint=off: nothing to resume")
             raise _InterruptedOutsideRun(
                 f"interrupted while finishing the run (finalize, summary, timeline); the "
-                f"journal holds every item's state; {again}") from None
+                f"journal holds every item's state; {again}", _signal_code(exc)) from None
     finally:
-        if early is not None:
-            early.close()  # stops the workers if the run never reached them (no-op after)
-        journal.close()
+        try:
+            if early is not None:
+                early.close()  # stops the workers if the run never reached them (no-op after)
+        finally:
+            journal.close()
+            ctx.lock.release()
 
 
 def _discover(ctx: RunContext, journal: Journal) -> intake.Intake:
@@ -118,10 +159,10 @@ def _discover(ctx: RunContext, journal: Journal) -> intake.Intake:
         found = intake.take(journal, items,
                             on_duplicate=getattr(ctx.task, "on_duplicate_id", "error"),
                             on_changed=ctx.cfg.resume.on_changed)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopSignal) as exc:
         raise _InterruptedOutsideRun(
             f"interrupted while discovering items ({journal.counts()['pending']} found so "
-            f"far); no item has run: start the command again") from None
+            f"far); no item has run: start the command again", _signal_code(exc)) from None
     if found.repeated:
         log.warning("%d repeated id(s) (task.on_duplicate_id): first, %s", found.repeated,
                     found.first_repeated)
@@ -147,16 +188,17 @@ def _executor(ctx: RunContext):
     if e.kind == "ray":
         from runner.executor_ray import RayExecutor  # optional extra
 
-        return RayExecutor(*args, address=e.address, run_dir=ctx.rundir.root)
+        return RayExecutor(*args, address=e.address, run_dir=ctx.rundir.root,
+                           item_timeout_s=e.item_timeout_s)
     from runner.executor import LocalExecutor
 
-    return LocalExecutor(*args)
+    return LocalExecutor(*args, item_timeout_s=e.item_timeout_s)
 
 
 def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict, count: int,
-             early) -> tuple[Ledger, bool, float, float]:
-    """The executor runs the slots; the ledger writes the journal. (ledger, interrupted,
-    wall seconds, start time)."""
+             early) -> tuple[Ledger, EarlyStop | None, float, float]:
+    """The executor runs the slots; the ledger writes the journal. (ledger, why it stopped
+    early or None, wall seconds, start time)."""
     progress = make_progress(ctx.cfg.progress)
     progress.start({s.index: s.label for s in ctx.slots}, count,
                    {i: n for i, (n, _) in load.items()})
@@ -177,7 +219,13 @@ def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict
         if stale:
             log.info("removed %d temp file(s) of writes cut short (%s ...)", len(stale),
                      ctx.rundir.relative(stale[0]))
-    return ledger, ex.interrupts.count > 0, time.time() - t0, t0
+    stop = None
+    if ex.interrupts.count:
+        sig = ex.interrupts.signals[0]
+        stop = EarlyStop(ExitCode.for_signal(sig), sig)
+    elif ex.halt is not None:
+        stop = EarlyStop(ExitCode.STORAGE, ex.halt)
+    return ledger, stop, time.time() - t0, t0
 
 
 class _Worst:
@@ -201,13 +249,25 @@ def _hydra_main(cfg: DictConfig) -> int:
 
 def main() -> None:
     setup()
+    logging.raiseExceptions = False  # a log file on a full disk: no traceback per record
+    stop_signals_raise()  # SIGTERM/SIGHUP: a stop request from here on, never a silent death
     sys.argv = config_mod.rewrite_argv(sys.argv)
     try:
         config_mod.check_group_options(sys.argv, Path(CONF))
-        resume_mod.check_resume(sys.argv, CONF)
-        sys.argv = resume_mod.claim_for(sys.argv, CONF)
+        # the run dir's lock, held until this process ends (runner.runlock)
+        lock = resume_mod.check_resume(sys.argv, CONF)
+        sys.argv, new_lock = resume_mod.claim_for(sys.argv, CONF)
+        lock = lock or new_lock
     except ConfigError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         sys.exit(ExitCode.START)
-    _hydra_main()
+    except StopSignal as exc:
+        print(f"runner: stopped by {exc.signame} while starting; nothing ran", file=sys.stderr)
+        sys.exit(ExitCode.for_signal(exc.signame))
+    try:
+        _hydra_main()
+    except StopSignal as exc:  # during Hydra's own set-up or tear-down
+        print(f"runner: stopped by {exc.signame}", file=sys.stderr)
+        sys.exit(max(_Worst.code, ExitCode.for_signal(exc.signame)))
+    del lock  # (held to here)
     sys.exit(int(_Worst.code))

@@ -1,8 +1,9 @@
 """Config schemas: one dataclass per config group, registered in Hydra's ConfigStore.
 
 The YAML files in ``conf/`` pick values; these dataclasses say which keys exist, their
-types and what each one means. Hydra checks types; :func:`validate` checks values and
-names the field, the value and the allowed set.
+types and what each one means. Every int/float field declares its range
+(:func:`runner.tasks.base.ranged`; README, "Settings and their ranges"). Hydra checks types;
+:func:`validate` checks values and names the field, the value and the allowed set.
 
 Users type ``resume=latest`` or ``resume=<run dir>``; :func:`rewrite_argv` turns that into
 ``resume.run=...`` so that ``resume.retry_failed=true`` can live beside it.
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from runner.ranges import check_ranges, ranged
 from runner.tasks.base import ON_CHANGED, ConfigError
 
 BACKENDS = ("auto", "cpu", "cuda", "xpu")
@@ -29,33 +31,48 @@ PROGRESS_MODES = ("auto", "rich", "plain", "off")
 class DevicesConfig:
     name: str = "cpu"  # the option's name, shown in the plan
     backend: str = "cpu"  # auto | cpu | cuda | xpu
-    count: Optional[int] = 1  # devices (CPU: worker slots) to use; null = every one found
-    ids: Optional[list[int]] = None  # exact device ids (e.g. [1,3]); wins over count
-    workers_per_device: int = 1  # worker processes per device (small models)
-    threads_per_worker: Optional[int] = None  # CPU threads a worker may use; null = cores/slots
+    # devices (CPU: worker slots) to use; null = every one found
+    count: Optional[int] = ranged(1, ge=1, le=4096, none="every one found")
+    # exact device ids (e.g. [1,3]); wins over count
+    ids: Optional[list[int]] = ranged(None, ge=0, none="count decides")
+    workers_per_device: int = ranged(1, ge=1, le=4096)  # worker processes per device (small models)
+    # CPU threads a worker may use; null = cores/slots
+    threads_per_worker: Optional[int] = ranged(None, ge=1, le=4096, none="cores / slots")
+    # plan more worker slots than runner.devices.slot_maximum allows (CPU: max(8, 4 x cores)
+    # slots in all; a card: 8 workers): for a machine you know takes them
+    force: bool = False
 
 
 @dataclass
 class ChunkingConfig:
     strategy: str = "dynamic"  # dynamic | size_balanced | contiguous | round_robin
-    prefetch: int = 2  # batches handed to a worker ahead of the one it is running
+    prefetch: int = ranged(2, ge=1, le=64)  # batches handed to a worker ahead of the one it is running
     guided_tail: bool = True  # dynamic: the last batches shrink so that slots finish together
 
 
 @dataclass
 class CheckpointConfig:
     policy: str = "resume"  # resume: keep journal.sqlite; off: no journal, outputs overwritten
-    max_attempts: int = 3  # an item that failed or killed its worker this often is failed
-    commit_every_s: float = 0.5  # journal commit interval (a crash redoes at most this much)
+    # an item that failed or killed its worker this often is failed
+    max_attempts: int = ranged(3, ge=1, le=100)
+    # journal commit interval in seconds (a crash redoes at most this much); 0 = every change
+    commit_every_s: float = ranged(0.5, ge=0, le=3600)
 
 
 @dataclass
 class ExecutorConfig:
     kind: str = "local"  # local: a process per slot | ray: an actor per slot
-    max_restarts: int = 3  # restarts of one slot after its worker died, then the slot is lost
-    grace_s: float = 30.0  # after the first Ctrl-C: how long in-flight batches may finish
-    stop_timeout_s: float = 5.0  # SIGTERM -> SIGKILL deadline when stopping workers
-    start_timeout_s: float = 600.0  # a worker that has not loaded its model by then is dead
+    # restarts of one slot after its worker died, then the slot is lost
+    max_restarts: int = ranged(3, ge=0, le=1000)
+    # after the first Ctrl-C: how long in-flight batches may finish (s); 0 = stop at once
+    grace_s: float = ranged(30.0, ge=0)
+    # SIGTERM -> SIGKILL deadline when stopping workers (s); 0 = SIGKILL at once
+    stop_timeout_s: float = ranged(5.0, ge=0)
+    # a worker that has not loaded its model by then (s) is dead
+    start_timeout_s: float = ranged(600.0, gt=0)
+    # the longest one item may run (s): a batch of n items is stopped after n x this many
+    # seconds, its worker killed and the item(s) retried alone / failed; null = no limit
+    item_timeout_s: Optional[float] = ranged(None, gt=0, none="no limit")
     address: Optional[str] = None  # ray only: auto | ray://host:port | null (local instance)
 
 
@@ -75,10 +92,12 @@ class RunnerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # what survives
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # process mechanics
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # continue an earlier run
-    batch_size: Optional[int] = None  # items per batch; null = the task's default
-    limit: Optional[int] = None  # only the first N items (stable order); null = all
+    # items per batch; null = the task's default
+    batch_size: Optional[int] = ranged(None, ge=1, none="the task's default")
+    # only the first N items (stable order); null = all
+    limit: Optional[int] = ranged(None, ge=0, none="all items")
     dry_run: bool = False  # print the plan and stop, importing no accelerator stack
-    seed: int = 0  # seeds torch/numpy/random in every worker
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # seeds torch/numpy/random in every worker
     progress: str = "auto"  # auto (rich on a TTY, plain lines otherwise) | rich | plain | off
     outputs: str = "outputs"  # root of run dirs: <outputs>/<task>/<timestamp>
 
@@ -88,37 +107,24 @@ def _choice(path: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{path}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _positive(path: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{path}={value!r} must be an integer >= 1")
-
-
 def validate(cfg: Any) -> None:
-    """Check values Hydra's type check cannot; raise ConfigError naming the key."""
+    """Check values Hydra's type check cannot; raise ConfigError naming the key, the value
+    and what is allowed. Every numeric field is checked against the range its schema
+    declares (:func:`runner.tasks.base.check_ranges`); the task group's own fields are
+    checked when the task builds its config (``TaskConfig.__post_init__``)."""
+    check_ranges(RunnerConfig, cfg)
     d = cfg.devices
     _choice("devices.backend", d.backend, BACKENDS)
-    _positive("devices.count", d.count, allow_none=True)
-    _positive("devices.workers_per_device", d.workers_per_device)
-    _positive("devices.threads_per_worker", d.threads_per_worker, allow_none=True)
     if d.ids is not None:
-        if len(d.ids) == 0 or any(not isinstance(i, int) or i < 0 for i in d.ids):
-            raise ConfigError(f"devices.ids={list(d.ids)!r} must be a non-empty list of ids >= 0")
+        if len(d.ids) == 0:
+            raise ConfigError("devices.ids=[] must be a non-empty list of ids >= 0 (or null)")
         if len(set(d.ids)) != len(d.ids):
             raise ConfigError(f"devices.ids={list(d.ids)!r} names a device twice")
         if d.backend == "cpu":
             raise ConfigError("devices.ids is for cuda/xpu cards; for CPU set devices.count")
     _choice("chunking.strategy", cfg.chunking.strategy, STRATEGIES)
-    _positive("chunking.prefetch", cfg.chunking.prefetch)
     _choice("checkpoint.policy", cfg.checkpoint.policy, CHECKPOINT_POLICIES)
-    _positive("checkpoint.max_attempts", cfg.checkpoint.max_attempts)
     _choice("executor.kind", cfg.executor.kind, EXECUTORS)
-    if cfg.executor.max_restarts < 0:
-        raise ConfigError(f"executor.max_restarts={cfg.executor.max_restarts} must be >= 0")
-    _positive("batch_size", cfg.batch_size, allow_none=True)
-    if cfg.limit is not None and cfg.limit < 0:
-        raise ConfigError(f"limit={cfg.limit} must be >= 0 (or null for all items)")
     _choice("progress", cfg.progress, PROGRESS_MODES)
     _choice("resume.on_changed", cfg.resume.on_changed, ON_CHANGED)
     if cfg.resume.run is not None and cfg.checkpoint.policy == "off":

@@ -29,6 +29,7 @@ from runner.devices import Inventory, Slot
 from runner.errors import ConfigError
 from runner.messages import WorkerSpec
 from runner.rundir import RunDir, atomic_write_json
+from runner.runlock import RunLock
 from runner.tasks.base import ModelRung, Task, instantiate_task
 
 log = logging.getLogger("runner")
@@ -50,6 +51,7 @@ class RunContext:
     warnings: tuple[str, ...]  # models skipped, and why
     batch_size: int
     resume: dict  # {} for a new run; when, overrides, retry_failed for a resume
+    lock: RunLock  # this controller's hold on the run dir (released when the job ends)
 
     def spec(self, slot: Slot, incarnation: int) -> WorkerSpec:
         """What the worker of ``slot`` is spawned with."""
@@ -101,7 +103,9 @@ def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
         raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
                           "or use executor=local")
     hydra_cfg = HydraConfig.get()
-    rundir = RunDir(Path(hydra_cfg.runtime.output_dir)).make()
+    rundir = RunDir(Path(hydra_cfg.runtime.output_dir))
+    lock = RunLock.acquire(rundir.lock)  # one controller per run dir (a no-op if main took it)
+    rundir.make()
     provenance.write_run_files(rundir, cfg)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task = instantiate_task(task_cfg)
@@ -123,4 +127,4 @@ def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
         atomic_write_json(rundir.task_config, task_cfg)
     return RunContext(cfg, tuple(argv), tuple(hydra_cfg.overrides.task), rundir, task, task_cfg,
                       inventory, slots, chains, warnings,
-                      cfg.batch_size or getattr(task, "default_batch_size", 1), resume)
+                      cfg.batch_size or getattr(task, "default_batch_size", 1), resume, lock)

@@ -10,7 +10,8 @@ Discovery never imports torch in the controller:
 * CPU: ``os.sched_getaffinity`` (the cores this process may use).
 
 A slot is one worker process: its backend, device id, thread count and the exact
-environment it starts with. The isolation variable (``CUDA_VISIBLE_DEVICES=<id>`` or
+environment it starts with. More slots than a machine sensibly takes (:func:`slot_maximum`
+CPU slots, :data:`MAX_WORKERS_PER_CARD` per card) are refused unless ``devices.force``. The isolation variable (``CUDA_VISIBLE_DEVICES=<id>`` or
 ``ZE_AFFINITY_MASK=<id>``, a plain ordinal: ``0.0`` is invalid under the FLAT hierarchy) is
 part of that environment, so the worker sees its card as index 0 before torch is imported.
 ``RUNNER_SLOT=<index>`` is there too, so a task can tell its workers apart.
@@ -169,13 +170,49 @@ def _device_ids(cfg, backend: str, inventory: Inventory | None) -> list[int]:
     return ids
 
 
+#: the most worker processes one card takes without devices.force: each holds its own
+#: context and model copy in the card's memory, and past this the card is time-sliced anyway
+MAX_WORKERS_PER_CARD = 8
+
+
+def slot_maximum(cores: int) -> int:
+    """The most CPU worker slots one machine takes without ``devices.force``: max(8, 4 x
+    cores). Each slot is a process with its own model copy; beyond a few per core they only
+    contend (the scheduling bench runs 8 slots on 2 cores)."""
+    return max(8, 4 * cores)
+
+
+def _check_slot_count(cfg, backend: str, cores: int, nodes: int) -> None:
+    """One line naming the setting when a devices config asks for more worker slots than
+    this machine sensibly takes (unless ``devices.force=true``)."""
+    if getattr(cfg, "force", False):
+        return
+    per = cfg.workers_per_device
+    if backend == "cpu":
+        count = cfg.count if cfg.count is not None else 1
+        most = slot_maximum(cores)
+        if count * per > most:
+            where = f"{cores} core(s)" + (f", per node of {nodes}" if nodes > 1 else "")
+            raise ConfigError(
+                f"devices.count={count} x devices.workers_per_device={per} = {count * per} "
+                f"CPU worker slots is over the maximum of {most} for {where} (max(8, 4 x "
+                f"cores)); lower devices.count or devices.workers_per_device, or set "
+                f"devices.force=true")
+    elif per > MAX_WORKERS_PER_CARD:
+        raise ConfigError(
+            f"devices.workers_per_device={per} is over the maximum of {MAX_WORKERS_PER_CARD} "
+            f"workers per {backend} card; lower it, or set devices.force=true")
+
+
 def make_slots(cfg, inventory: Inventory | None) -> list[Slot]:
-    """The worker slots for a devices config; ``inventory=None`` plans without checking."""
+    """The worker slots for a devices config; ``inventory=None`` plans without checking the
+    devices exist (the slot maximum is checked either way)."""
     backend = resolve_backend(cfg.backend, inventory)
     cores = inventory.cpu_cores if inventory is not None else _cpu_cores()
     per = cfg.workers_per_device
+    nodes = inventory.nodes if inventory is not None else 1
+    _check_slot_count(cfg, backend, cores, nodes)
     if backend == "cpu":
-        nodes = inventory.nodes if inventory is not None else 1
         n = (cfg.count if cfg.count is not None else 1) * per * nodes
         threads = cfg.threads_per_worker or max(1, cores // n)
         return [

@@ -9,8 +9,10 @@ Data flow (after CPython's concurrent/futures/process.py)::
     Scheduler ─────> Executor loop ───mechanics.send─>│ worker 0, device A │   │
                      (this module)                    │ (worker.py)        │   │
                       dispatch, restarts,  <─mechanics.wait─ messages,      │   │
-                      start timeouts,              deaths (sentinels)  ─────┼───┘
-                      Ctrl-C/SIGTERM: drain, stop    ...  worker n-1, device B
+                      start and item        deaths (sentinels)  ─────┼───┘
+                      timeouts; Ctrl-C:      ...  worker n-1, device B
+                      drain; SIGTERM/HUP,
+                      a refused write: stop
 
 The loop decides; a :class:`Mechanics` does what differs between backends -- starting a
 worker, sending it a call, waiting for its messages or its death, reaping, stopping:
@@ -21,95 +23,31 @@ journal is written by the ledger alone; the loop never touches it.
 * Death is learnt from the mechanics' wait (a process sentinel, an actor error), never
   from a missing result; nothing blocks without a timeout.
 * The slot's environment (device mask, threads) is in place when its worker is started.
-* Each slot's life is a :class:`SlotState`; :func:`check_slot_move` refuses illegal moves.
+* Each slot's life is a :class:`runner.slots.SlotState`; ``check_slot_move`` refuses
+  illegal moves.
+* Stops: the first Ctrl-C lets in-flight batches finish for ``grace_s``; SIGTERM or SIGHUP
+  (to the controller or its whole process group) stop at once -- in-flight items go back
+  to pending uncharged, and a worker killed by the same signal is not charged either; a
+  write the file system refuses (:class:`WriteRefused`, or the journal's own) stops
+  dispatching (``halt``) and ends the run with ``ExitCode.STORAGE``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 from runner.devices import Slot
+from runner.slots import Death, SlotState, Worker
+from runner.errors import StorageError, storage_problem
 from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, Ready, RungChanged,
-                             SlotExhausted, StartFailed, WorkerSpec)
+                             SlotExhausted, StartFailed, WorkerSpec, WriteRefused)
 from runner.processes import SignalCounter, exit_name
 from runner.ledger import Ledger
 
 log = logging.getLogger("runner")
-
-
-class SlotState(str, Enum):
-    """A slot's life. Legal moves (:func:`check_slot_move` refuses the rest)::
-
-        STARTING --Ready--> READY --SlotExhausted--> EXHAUSTED
-           |                  |                         |
-           +------ died ------+-------------------------+--> STARTING  (restarted now)
-           |                  |                         |--> DORMANT   (restart when work)
-           |                  |                         +--> LOST      (no restart left,
-           |                  |                                         exhausted, start failed)
-        DORMANT --there is work for it--> STARTING
-        any state but LOST --the run ends--> STOPPED
-    """
-
-    STARTING = "starting"  # spawned, loading its model
-    READY = "ready"  # takes batches
-    EXHAUSTED = "exhausted"  # every model of the chain ran out of memory: it ends
-    DORMANT = "dormant"  # died with restarts left and nothing to do: restarted when there is
-    LOST = "lost"  # never again in this run
-    STOPPED = "stopped"  # the run ended
-
-
-_SLOT_MOVES: dict[SlotState, frozenset[SlotState]] = {
-    SlotState.STARTING: frozenset({SlotState.READY, SlotState.STARTING, SlotState.DORMANT,
-                                   SlotState.LOST, SlotState.STOPPED}),
-    SlotState.READY: frozenset({SlotState.EXHAUSTED, SlotState.STARTING, SlotState.DORMANT,
-                                SlotState.LOST, SlotState.STOPPED}),
-    SlotState.EXHAUSTED: frozenset({SlotState.LOST, SlotState.STOPPED}),
-    SlotState.DORMANT: frozenset({SlotState.STARTING, SlotState.STOPPED}),
-    SlotState.LOST: frozenset(),
-    SlotState.STOPPED: frozenset(),
-}
-
-
-class IllegalSlotMove(RuntimeError):
-    pass
-
-
-def check_slot_move(old: SlotState, new: SlotState) -> None:
-    """The one place that says which slot moves are legal."""
-    if new not in _SLOT_MOVES[old]:
-        raise IllegalSlotMove(f"slot state {old.value} -> {new.value} is not allowed")
-
-
-@dataclass
-class Worker:
-    """One incarnation of a slot's worker, as the loop and its mechanics see it."""
-
-    slot: Slot
-    incarnation: int  # 0 first, +1 per restart
-    handle: Any  # the mechanics' own: a Process, an actor
-    conn: Any  # the mechanics' own: a pipe (None for an actor)
-    started_at: float  # time.monotonic() at start
-    pid: int | None = None
-    state: SlotState = SlotState.STARTING
-    outstanding: int = 0  # batches sent and not yet BatchDone
-    failed_to_start: str = ""
-    poller: Any = None  # the mechanics' own
-
-    def move(self, new: SlotState) -> None:
-        check_slot_move(self.state, new)
-        self.state = new
-
-
-@dataclass(frozen=True)
-class Death:
-    """What a mechanics' wait says of a worker that ended."""
-
-    reason: str = ""  # "" = its exit code says it (exit_name)
-    running_batch: int | None = None  # the call it died in, when the mechanics knows (Ray)
 
 
 class Mechanics(Protocol):
@@ -150,7 +88,7 @@ class Executor:
 
     def __init__(self, mechanics: Mechanics, make_spec: Callable[[Slot, int], WorkerSpec],
                  max_restarts: int, grace_s: float, stop_timeout_s: float,
-                 start_timeout_s: float, prefetch: int):
+                 start_timeout_s: float, prefetch: int, item_timeout_s: float | None = None):
         self.mech = mechanics
         self.ledger: Ledger | None = None  # the ledger, given by run()
         self.make_spec = make_spec
@@ -159,6 +97,8 @@ class Executor:
         self.stop_timeout_s = stop_timeout_s
         self.start_timeout_s = start_timeout_s
         self.prefetch = prefetch
+        # the longest one item may run: a call of n items is stopped after n x this (None: no limit)
+        self.item_timeout_s = item_timeout_s
         self.workers: dict[int, Worker] = {}
         # slots whose worker died while there was no work for it: restarted (within
         # max_restarts) as soon as there is, e.g. when another slot's death requeues items
@@ -166,6 +106,8 @@ class Executor:
         self.restarts: dict[int, int] = {}
         self.interrupts = SignalCounter()
         self.spawned_at = 0.0  # time.time() of the first spawn (start or run)
+        # why the run stopped dispatching without a signal: a write the file system refused
+        self.halt: str | None = None
 
     def _start(self, slot: Slot, incarnation: int) -> None:
         self.spawned_at = self.spawned_at or time.time()
@@ -198,6 +140,11 @@ class Executor:
                 try:
                     self.start(slots)
                     self._loop()
+                except Exception as exc:  # the controller's own write refused (journal, ...)
+                    self.halt = storage_problem(exc)
+                    if self.halt is None:
+                        raise
+                    raise StorageError(self.halt) from None  # (app.py adds the resume)
                 finally:
                     self._stop()
         finally:
@@ -207,21 +154,33 @@ class Executor:
         workers = list(self.workers.values())
         self.mech.stop_all(workers, self.stop_timeout_s if self.interrupts.count < 2 else 0.5)
         for w in workers:
-            self._handle_all(w, self.mech.drain(w))
-            w.move(SlotState.STOPPED)
-            self.ledger.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
+            try:
+                self._handle_all(w, self.mech.drain(w))
+                w.move(SlotState.STOPPED)
+                self.ledger.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
+            except Exception as exc:  # the journal is refused too: what it lacks is redone
+                if self.halt is None or storage_problem(exc) is None:
+                    raise
         self.workers.clear()
 
     def _loop(self) -> None:
+        halted_at = 0.0
         while True:
-            stopping = self.interrupts.count >= 1
+            signalled = self.interrupts.count >= 1
+            stopping = signalled or self.halt is not None
             if self.interrupts.count >= 2:
                 self.ledger.note(f"second {self.interrupts.signals[-1]}: stopping workers now")
                 return
-            if stopping and self.ledger.stop_requested_at is None:
-                self.ledger.stop_requested(self.interrupts.signals[0], self.grace_s)
+            if signalled and self.ledger.stop_requested_at is None:
+                self.ledger.stop_requested(self.interrupts.signals[0],
+                                           0.0 if self.interrupts.now else self.grace_s)
+            if self.interrupts.now:
+                return  # SIGTERM/SIGHUP: in-flight items go back to pending (_stop)
+            if self.halt is not None and not halted_at:
+                halted_at = time.monotonic()
+            since = self.interrupts.first_at if signalled else halted_at
             if stopping and (not self.ledger.in_flight()
-                             or time.monotonic() - self.interrupts.first_at > self.grace_s):
+                             or time.monotonic() - since > self.grace_s):
                 return
             if not stopping:
                 self._wake_dormant()
@@ -242,6 +201,7 @@ class Executor:
                         self.ledger.replies_lost(w.slot, death.running_batch)
                     self._died(w, death.reason if death else "")
             self._check_start_timeouts()
+            self._check_item_timeouts()
             self.ledger.tick()
 
     def _dispatch(self) -> None:
@@ -255,7 +215,7 @@ class Executor:
                     self.ledger.unsent(w.slot, batch)
                     break
                 self.ledger.sent(w.slot, call)
-                w.outstanding += 1
+                w.call_sent(len(batch), time.monotonic())
 
     def _handle_all(self, w: Worker, messages: list) -> None:
         for msg in messages:
@@ -269,7 +229,7 @@ class Executor:
         elif isinstance(msg, ItemFailed):
             self.ledger.item_failed(msg, w.pid)
         elif isinstance(msg, BatchDone):
-            w.outstanding -= 1
+            w.call_over(time.monotonic())
             self.ledger.batch_done(msg)
         elif isinstance(msg, Ready):
             w.pid = msg.pid
@@ -282,18 +242,30 @@ class Executor:
             self.ledger.note(f"{w.slot.label}: {msg.error}; this slot stops, the others go on")
         elif isinstance(msg, StartFailed):
             w.failed_to_start = msg.error
+        elif isinstance(msg, WriteRefused):
+            w.call_over(time.monotonic())
+            self.ledger.write_refused(msg)
+            if self.halt is None:
+                self.halt = msg.error
+                self.ledger.note(f"{w.slot.label}: could not write outputs: {msg.error}; no "
+                                 f"new work is handed out")
         else:
             log.warning("unknown message from %s: %r", w.slot.label, msg)
 
     def _died(self, w: Worker, reason: str = "") -> None:
         code = self.mech.reap(w)
         del self.workers[w.slot.index]
+        if self._stopped_with_us(code):  # SIGTERM/SIGHUP to the whole process group
+            w.move(SlotState.STOPPED)
+            self.ledger.worker_gone(w.slot, w.pid, "stopped", restartable=False, quiet=True)
+            return
         exhausted = w.state == SlotState.EXHAUSTED
-        why = w.failed_to_start or reason or exit_name(code)
+        why = w.failed_to_start or w.killed_for or reason or exit_name(code)
         restartable = not (exhausted or w.failed_to_start)
         restartable = restartable and self.restarts[w.slot.index] < self.max_restarts
         self.ledger.worker_gone(w.slot, w.pid, why, restartable=restartable,
-                             quiet=exhausted and code == 0, exit_code=code)
+                                quiet=exhausted and code == 0, exit_code=code,
+                                timed_out=bool(w.killed_for))
         if restartable and self.interrupts.count == 0 and self.ledger.scheduler.has_work_for(w.slot.index):
             w.move(SlotState.STARTING)
             self._restart(w.slot, w.incarnation + 1)
@@ -303,6 +275,18 @@ class Executor:
         else:
             w.move(SlotState.LOST)
             self.ledger.scheduler.slot_lost(w.slot.index)
+
+    def _stopped_with_us(self, code: int | None, wait_s: float = 0.5) -> bool:
+        """A worker ended by SIGTERM/SIGHUP (or of an unknown cause) while this controller got
+        the same signal: one stop request to the process group, not a crash of the worker.
+        The controller's own handler may run a moment after the worker's death is seen:
+        wait up to ``wait_s`` for it. A worker signalled alone is a death as any other."""
+        if code is not None and code not in (-signal.SIGTERM, -signal.SIGHUP):
+            return False
+        deadline = time.monotonic() + wait_s
+        while not self.interrupts.now and time.monotonic() < deadline:
+            time.sleep(0.02)  # (a signal handler runs between these sleeps)
+        return self.interrupts.now
 
     def _restart(self, slot: Slot, incarnation: int) -> None:
         self.restarts[slot.index] += 1
@@ -329,15 +313,34 @@ class Executor:
                     self._died(w, reason="start timeout")
 
 
+    def _check_item_timeouts(self) -> None:
+        """A call running longer than its items' share of ``item_timeout_s``: its worker is
+        killed; the ledger fails a lone item at once and retries a batch's items alone."""
+        if self.item_timeout_s is None:
+            return
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.state != SlotState.READY or not w.call_sizes or w.killed_for:
+                continue
+            limit = self.item_timeout_s * w.call_sizes[0]
+            if now - w.running_since > limit:
+                w.killed_for = (f"a batch of {w.call_sizes[0]} ran over {limit:g}s "
+                                f"(executor.item_timeout_s={self.item_timeout_s:g} per item)")
+                self.ledger.note(f"{w.slot.label}: {w.killed_for}; killing its worker")
+                if not self.mech.kill(w):
+                    self._died(w)
+
+
 class LocalExecutor(Executor):
     """The executor over spawned processes (the default, ``executor=local``)."""
 
     def __init__(self, make_spec: Callable[[Slot, int], WorkerSpec], max_restarts: int,
-                 grace_s: float, stop_timeout_s: float, start_timeout_s: float, prefetch: int):
+                 grace_s: float, stop_timeout_s: float, start_timeout_s: float, prefetch: int,
+                 item_timeout_s: float | None = None):
         from runner.executor_local import LocalMechanics
 
         super().__init__(LocalMechanics(), make_spec, max_restarts, grace_s, stop_timeout_s,
-                         start_timeout_s, prefetch)
+                         start_timeout_s, prefetch, item_timeout_s)
 
 
 @contextlib.contextmanager

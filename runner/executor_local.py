@@ -21,7 +21,8 @@ import time
 from typing import Iterable
 
 from runner.devices import Slot
-from runner.executor import Death, Worker, no_session
+from runner.executor import no_session
+from runner.slots import Death, Worker
 from runner.messages import Call, Stop, WorkerSpec
 from runner.processes import reap, spawn_environment
 from runner.worker import pipe_poller, worker_main

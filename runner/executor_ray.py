@@ -12,17 +12,26 @@ the summary and the exit codes are :class:`runner.executor.Executor`'s and the l
 Environment before import: each actor gets the slot's environment through
 ``runtime_env={"env_vars": ...}``, which Ray applies when it starts the actor's process.
 On CUDA, Ray itself sets ``CUDA_VISIBLE_DEVICES`` for an actor created with ``num_gpus=1``,
-so the slot's own mask is left out there. ``executor.address=null`` starts a local Ray
-instance for the run with its temp dir under the run dir (through a short symlink in /tmp
-when the run dir path is too long for Ray's Unix sockets) and ``RAY_AUTH_MODE=disabled``;
-``auto`` or ``ray://host:port`` joins a cluster, where outputs must go to a run dir on
-storage every node mounts at the same path.
+so the slot's own mask is left out there.
+
+``executor.address=null`` starts a local Ray instance for the run with its temp dir under
+the run dir (through a short symlink in /tmp when the run dir path is too long for Ray's
+Unix sockets) and ``RAY_AUTH_MODE=disabled`` (unless set), in Ray's local-only mode
+(:func:`_loopback_only`): its node address is 127.0.0.1, so every process it starts (GCS,
+raylet and its object manager, agents, the actors, and this process's own core worker)
+listens on loopback only -- without authentication, nothing of it may be reachable from
+another machine, and a Ray that would still bind elsewhere is refused. ``auto`` or
+``ray://host:port`` joins a cluster as it is (its network and its authentication are the
+cluster's), where outputs must go to a run dir on storage every node mounts at the same path.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import signal
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +46,15 @@ except ImportError as exc:  # pragma: no cover - exercised when ray is absent
     raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
                       "or use executor=local") from exc
 
+try:  # where Ray keeps the switch of its local-only mode (see _loopback_only)
+    from ray._private import ray_constants as _ray_constants
+except ImportError:  # pragma: no cover - a Ray without it: _check_loopback_node decides
+    _ray_constants = None
+
 from runner.devices import Inventory, Slot
-from runner.executor import Death, Executor, SlotState, Worker
+from runner.errors import ConfigError
+from runner.executor import Executor
+from runner.slots import Death, SlotState, Worker
 from runner.messages import Call, WorkerSpec
 from runner.rundir import RunDir
 from runner.worker import run_call, start_worker
@@ -127,6 +143,47 @@ def _temp_dir(run_dir: Path | None):
         holder.rmdir()
 
 
+# Ray's switch for its local-only mode (the default on macOS and Windows): off, Ray takes
+# 127.0.0.1 as the node's address, and its gRPC servers and agents bind the node's address.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Ray's local-only mode for the instance started inside: the processes it starts read
+    the environment variable; this process imported Ray already, so its constant (read when
+    Ray picks the node's address) is switched too. Both are put back afterwards."""
+    saved_env = os.environ.get(LOCAL_ONLY_ENV)
+    saved = getattr(_ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    if _ray_constants is not None:
+        _ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
+        if saved is not None:
+            _ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _check_loopback_node() -> None:
+    """The local instance's node address must be loopback (its servers bind it), unless the
+    user turned Ray's token authentication on: otherwise it is shut down and refused."""
+    node_ip = ray.util.get_node_ip_address()
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(node_ip).is_loopback:
+            return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return
+    ray.shutdown()
+    raise ConfigError(f"the local Ray instance took {node_ip} as its address, not loopback: "
+                      "it would listen beyond this machine without authentication; set "
+                      "RAY_AUTH_MODE=token (Ray's token authentication) or use executor=local")
+
+
 class RayMechanics:
     """The executor's mechanics on Ray: an actor per slot, an ObjectRef per call."""
 
@@ -143,13 +200,22 @@ class RayMechanics:
         if ray.is_initialized():  # a caller's own Ray session: use it as it is
             yield
             return
-        with _temp_dir(None if self.address else self.run_dir) as temp:
-            if self.address:
-                ray.init(address=self.address, log_to_driver=False)
-            else:
+        local = not self.address
+        with _temp_dir(self.run_dir if local else None) as temp, \
+                (_loopback_only() if local else contextlib.nullcontext()):
+            # ray.init installs its own SIGTERM handler: the executor's counter is put back
+            # (SIGTERM/SIGHUP stop the run at once, exit 143/129, as with executor=local)
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+            if local:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(num_cpus=max(2, sum(s.threads for s in slots)), include_dashboard=False,
                          log_to_driver=False, _temp_dir=temp)
+                _check_loopback_node()
+            else:
+                ray.init(address=self.address, log_to_driver=False)
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
             try:
                 yield
             finally:
@@ -229,6 +295,8 @@ class RayExecutor(Executor):
     """The executor over Ray actors (``executor=ray``)."""
 
     def __init__(self, make_spec, max_restarts, grace_s, stop_timeout_s, start_timeout_s,
-                 prefetch, address: str | None = None, run_dir: Path | None = None):
+                 prefetch, address: str | None = None, run_dir: Path | None = None,
+                 item_timeout_s: float | None = None):
         super().__init__(RayMechanics(address, run_dir, stop_timeout_s), make_spec,
-                         max_restarts, grace_s, stop_timeout_s, start_timeout_s, prefetch)
+                         max_restarts, grace_s, stop_timeout_s, start_timeout_s, prefetch,
+                         item_timeout_s)

@@ -3,7 +3,8 @@
 Table ``items`` (a public contract, see DESIGN.md): id, status, attempts, slot, device,
 model, batch_size, started, finished, output, error — plus the controller's own columns
 seq (discovery order), cost, payload, planned_slot and gen (the invocation that last saw
-the item). ``checkpoint=off`` keeps the same journal in memory.
+the item). ``checkpoint=off`` keeps the same journal in memory. The schema, its version
+and the check a journal file passes before it is opened: :mod:`runner.journal_schema`.
 
 Item states and their legal moves: :mod:`runner.item_states` (:func:`check_transition`
 refuses the rest; the UPDATEs here move an item only from a state it may leave).
@@ -19,6 +20,7 @@ is read back in pages ordered by seq, counts come from SQL.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sqlite3
@@ -28,7 +30,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
-from runner import names
+from runner import journal_schema, names
 from runner.item_states import IllegalTransition, ItemStatus, check_transition, sources
 from runner.rundir import apply_umask
 from runner.tasks.base import Item
@@ -41,24 +43,6 @@ def _update_sql(new: ItemStatus, sets: str) -> str:
             f"AND status IN ({','.join('?' * len(sources(new)))})")
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    slot INTEGER, device TEXT, model TEXT, batch_size INTEGER,
-    started REAL, finished REAL, output TEXT, error TEXT,
-    seq INTEGER NOT NULL, cost REAL NOT NULL DEFAULT 0, payload TEXT,
-    planned_slot INTEGER, gen INTEGER NOT NULL DEFAULT 0,
-    name TEXT, name_key TEXT, fingerprint TEXT, src TEXT, placed TEXT, warning TEXT
-);
-CREATE INDEX IF NOT EXISTS items_todo ON items (gen, status, planned_slot, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-# journals written before the identity columns existed get them on open
-_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning", "output_key")
-_NAME_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name_key);"
-               "CREATE UNIQUE INDEX IF NOT EXISTS items_output ON items (output_key)")
 SEEN_COLUMNS = "id, status, gen, name, fingerprint, src"
 
 
@@ -72,16 +56,13 @@ class Journal:
         # one output path for two items (UNIQUE output_key); True: items share outputs
         # (embed's shards), each found by its id inside
         self.shared_outputs = shared_outputs
+        if path:
+            journal_schema.verify(path)  # never trust a cut-short, damaged or foreign file
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
         if path:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
-        for column in _ADDED_COLUMNS:
-            if column not in have:
-                self._db.execute(f"ALTER TABLE items ADD COLUMN {column} TEXT")
-        self._db.executescript(_NAME_INDEX)
+        journal_schema.create(self._db)  # tables, indexes; an older journal's upgrade
         if path:
             apply_umask(Path(path))
         self._db.execute("BEGIN")
@@ -90,6 +71,7 @@ class Journal:
         self._last_commit = time.monotonic()
         self.gen = int(self.get_meta("gen", -1)) + 1
         self.set_meta("gen", self.gen)
+        self.set_meta("schema_version", journal_schema.SCHEMA_VERSION)
 
     # ---- meta and housekeeping ----------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -110,9 +92,15 @@ class Journal:
             self.commit()
 
     def close(self) -> None:
-        self._flush_batch_no()
-        self._db.execute("COMMIT")
-        self._db.close()
+        """Commit and close; after a failed write (disk full) roll back what is not on disk."""
+        try:
+            self._flush_batch_no()
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        finally:
+            self._db.close()
 
     def next_batch_no(self) -> int:
         """Batch numbers never repeat in a run dir (they name output shards). Counted in

@@ -4,7 +4,7 @@
       next_batch, sent, unsent               │
       items_done, item_failed, batch_done    ├──> logs/errors/<name>.json, progress display
       worker_ready, rung_changed             └──> SlotStats (summary.json)
-      worker_gone, replies_lost, stop_requested
+      worker_gone, replies_lost, stop_requested, write_refused
 
 The executor owns the loop and its mechanics own processes or actors (starting, waiting,
 killing); this module owns what follows from what they report, identically for every
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from runner.devices import Slot
 from runner.journal import Journal
-from runner.messages import BatchDone, Call, ItemDone, ItemFailed, Ready, RungChanged
+from runner.messages import (BatchDone, Call, ItemDone, ItemFailed, Ready, RungChanged,
+                             WriteRefused)
 from runner.processes import exit_name
 from runner.progress import Progress
 from runner.rundir import RunDir, atomic_write_json
@@ -193,8 +194,10 @@ class Ledger:
 
     # ---- deaths and stops ------------------------------------------------------------------
     def worker_gone(self, slot: Slot, pid: int | None, why: str, restartable: bool,
-                    quiet: bool, exit_code: int | None = None) -> None:
-        """A worker process ended. ``quiet``: an orderly end (stop, exhausted chain)."""
+                    quiet: bool, exit_code: int | None = None, timed_out: bool = False) -> None:
+        """A worker process ended. ``quiet``: an orderly end (stop, exhausted chain).
+        ``timed_out``: the loop killed it for executor.item_timeout_s -- a lone item that ran
+        over fails at once (it would again); a batch's items are retried alone."""
         inflight = self.inflight[slot.index]
         items = list(inflight.values())
         # Only the oldest unfinished batch had started: its items are the suspects, charged
@@ -217,7 +220,11 @@ class Ledger:
             attempt = self.journal.attempts(item.id)
             error = (f"worker died ({why}) on {slot.label} (pid {pid}) while processing a batch "
                      f"of {len(started)} with {item.id}, attempt {attempt}/{self.max_attempts}")
-            if attempt >= self.max_attempts:
+            if timed_out and len(started) == 1:
+                self._fail(item.id, slot.index, pid, attempt,
+                           f"item {item.id} took too long on {slot.label}: {why}; split it, or "
+                           f"raise executor.item_timeout_s", "", exit_code, None)
+            elif attempt >= self.max_attempts:
                 self._fail(item.id, slot.index, pid, attempt,
                            error + "; quarantined: it killed every worker that ran it", "",
                            exit_code, None)
@@ -241,11 +248,25 @@ class Ledger:
         self.scheduler.requeue(items, suspect=False)
         self.calls[slot.index] = calls[n:]
 
+    def write_refused(self, msg: WriteRefused) -> None:
+        """The file system refused a batch's outputs: its items not yet done go back to
+        pending uncharged (nothing is wrong with them); the call is over."""
+        inflight = self.inflight[msg.slot]
+        items = [inflight.pop(i) for i in msg.item_ids if i in inflight]
+        for item in items:
+            self.journal.mark_pending(item.id, refund=True)
+        self.scheduler.requeue(items, suspect=False)
+        self.batch_done(BatchDone(msg.slot, msg.batch_no))
+
     def stop_requested(self, signame: str, grace_s: float) -> None:
         self.stop_requested_at = time.time()
         self.stop_signal = signame
-        self.note(f"{signame}: no new work; in-flight batches may finish for {grace_s:.0f}s "
-                  f"(press Ctrl-C again to stop now)")
+        if grace_s <= 0:
+            self.note(f"{signame}: stopping now; items in flight go back to pending, not "
+                      f"charged an attempt")
+        else:
+            self.note(f"{signame}: no new work; in-flight batches may finish for {grace_s:.0f}s "
+                      f"(press Ctrl-C again to stop now)")
 
     def note(self, text: str) -> None:
         self.notes.append(text)

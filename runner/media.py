@@ -3,7 +3,8 @@
 Both use PyAV (FFmpeg's libraries in-process), so neither needs the ``ffmpeg`` CLI.
 ``duration`` is cheap enough for discovery: it reads the header and only falls back to
 walking packet timestamps (demuxing, never decoding) when the header has no duration.
-Unreadable or audio-less files raise :class:`runner.tasks.base.BadInput` with one line.
+Unreadable or audio-less files raise :class:`runner.tasks.base.BadInput` with one line; a
+FIFO, device or socket is refused without being opened.
 """
 from __future__ import annotations
 
@@ -14,20 +15,24 @@ from pathlib import Path
 import numpy as np
 
 from runner.errors import BadInput, one_line
+from runner.tasks.base import file_kind
 
 log = logging.getLogger(__name__)
 
 _AV_TIME_BASE = 1_000_000  # container.duration is in microseconds (FFmpeg's AV_TIME_BASE)
 
 
-
-
 def _open(path: Path):
     import av  # local: keeps `import runner.media` cheap for the controller
 
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file; check task.input")
-    if path.stat().st_size == 0:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise BadInput(f"{path}: {exc.strerror or 'no such file'}; check task.input") from None
+    kind = file_kind(st.st_mode)
+    if kind:  # never opened: a FIFO blocks until a writer comes, a device never ends
+        raise BadInput(f"{path}: not a regular file ({kind}); remove it or replace it with a file")
+    if st.st_size == 0:
         raise BadInput(f"{path}: empty file (0 bytes); replace or remove it")
     try:
         return av.open(str(path), mode="r")

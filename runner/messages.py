@@ -2,7 +2,7 @@
 
     controller -> worker:   WorkerSpec (process argument), Call, Stop
     worker -> controller:   Ready, ChunkDone (of ItemDone), ItemFailed, BatchDone, RungChanged,
-                            SlotExhausted, StartFailed
+                            SlotExhausted, StartFailed, WriteRefused
 """
 from __future__ import annotations
 
@@ -120,3 +120,16 @@ class StartFailed:
     slot: int
     error: str
     traceback: str
+
+
+@dataclass(frozen=True)
+class WriteRefused:
+    """The file system refused a batch's output (full, read-only, no permission). It stands
+    for the call's BatchDone: ``item_ids`` -- the call's items not yet done -- go back to
+    pending uncharged (the items are fine) and the run stops dispatching."""
+
+    slot: int
+    batch_no: int
+    item_ids: tuple[str, ...]
+    error: str  # one line: what was refused, where (storage_problem)
+

@@ -6,6 +6,9 @@ counter, reaping, and exit codes as people read them.
   SIGINT are in place only while it is spawned, so the child never sets them itself and a
   Ctrl-C reaches only the parent, which decides.
 * :class:`SignalCounter` -- the handler only counts; the parent's loop decides.
+* :class:`StopSignal` / :func:`stop_signals_raise` -- SIGTERM and SIGHUP outside that loop
+  (discovery, planning, the report) raise, as Ctrl-C raises KeyboardInterrupt: a stop
+  request the app turns into its one line and exit 143/129, never a silent death.
 * :func:`reap` -- a child that looks dead is made dead and its pipe closed; its exit code.
 * :func:`exit_name` -- ``SIGKILL`` for -9, ``exit 3`` otherwise.
 """
@@ -48,9 +51,35 @@ def spawn_environment(env: dict[str, str]) -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
+# signals that ask a run to stop (SIGTERM and SIGHUP: at once; SIGINT: after a grace)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_NOW = ("SIGTERM", "SIGHUP")
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGHUP arrived outside the executor's loop (a BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` swallows it)."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
+def _raise_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise StopSignal(signal.Signals(signum).name)
+
+
+def stop_signals_raise() -> None:
+    """From now on SIGTERM and SIGHUP raise :class:`StopSignal` in the main thread (the
+    executor's loop counts them instead while it runs, then puts this back)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, _raise_stop)
+
+
 @dataclass
 class SignalCounter:
-    """SIGINT/SIGTERM counter: the handler only counts, the loop decides."""
+    """SIGINT/SIGTERM/SIGHUP counter: the handler only counts, the loop decides."""
 
     count: int = 0
     handled: int = 0  # how many of them the loop has acted on
@@ -64,7 +93,12 @@ class SignalCounter:
         if self.count == 1:
             self.first_at = time.monotonic()
 
-    def install(self, which: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
+    @property
+    def now(self) -> bool:
+        """The first signal asks to stop at once (SIGTERM, SIGHUP), not after a grace."""
+        return bool(self.signals) and self.signals[0] in STOP_NOW
+
+    def install(self, which: tuple = STOP_SIGNALS) -> None:
         """Count ``which`` from now on (only the main thread may set handlers)."""
         if threading.current_thread() is threading.main_thread():
             for s in which:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import ExitCode
@@ -142,16 +143,24 @@ def write(summary: dict[str, Any], rundir: RunDir) -> None:
     atomic_write_json(rundir.summary, summary)
 
 
-def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, interrupted: bool,
+@dataclass(frozen=True)
+class EarlyStop:
+    """Why a run ended before its work did: a signal, or a write the file system refused."""
+
+    code: ExitCode  # INTERRUPTED, TERMINATED, HANGUP or STORAGE
+    why: str  # the signal's name, or the refused write (one line)
+
+
+def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, stop: EarlyStop | None,
             wall: float, t0: float) -> ExitCode:
     """Run-level outputs (the task's finalize), summary, timeline and the last words; the
-    exit code: all done, failed items (or items left: every slot lost), or interrupted."""
+    exit code: all done, failed items (or items left: every slot lost), or stopped early."""
     rundir = ctx.rundir
     extra = ctx.task.finalize(FinalizeContext(rundir.root, journal.done_view()))
     counts = journal.counts()
     left = counts["pending"] + counts["running"]
-    if interrupted:
-        code, status = ExitCode.INTERRUPTED, "interrupted"
+    if stop is not None:
+        code, status = stop.code, stop.code.meaning
     elif counts["failed"] or left:
         code, status = ExitCode.FAILED, "finished with failed items" if not left else "slots lost"
     else:
@@ -168,9 +177,16 @@ def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, interrupted: bo
         log.warning("%s not written: %s", rundir.timeline.name, exc)
     print(print_table(summary))
     resume = ctx.resume_command
-    if interrupted:
+    if stop is not None and stop.code == ExitCode.STORAGE:
+        print(f"runner: stopped: could not write ({stop.why}); {left} item(s) not done, none "
+              f"charged (journal intact). Free space or fix the folder, then resume with: "
+              f"{resume}", file=sys.stderr)
+    elif stop is not None and stop.code == ExitCode.INTERRUPTED:
         print(f"runner: interrupted; {left} item(s) not done. Resume with: {resume}",
               file=sys.stderr)
+    elif stop is not None:
+        print(f"runner: stopped by {stop.why}; {left} item(s) not done, none charged an "
+              f"attempt. Resume with: {resume}", file=sys.stderr)
     elif left:
         print(f"runner: every worker slot was lost; {left} item(s) not done (journal intact). "
               f"See {rundir.logs}; resume with: {resume}", file=sys.stderr)

@@ -17,8 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runner import journal_schema
+from runner.errors import ConfigError
 from runner.rundir import RunDir
-from runner.tasks.base import ConfigError
+from runner.runlock import RunLock
 
 
 
@@ -32,8 +34,28 @@ def claim_run_dir(outputs: str | Path, task: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise unwritable(outputs, path, exc) from None
     raise ConfigError(f"run dir {base} and its -{os.getpid()} variant both exist; "
                       f"start the run again")
+
+
+def unwritable(outputs: str | Path, path: Path, exc: OSError) -> ConfigError:
+    """The one line for an ``outputs=`` where no run dir can be made."""
+    return ConfigError(f"outputs={outputs}: cannot create {path} ({exc.strerror or exc}); "
+                       f"choose a writable folder with outputs=<dir>")
+
+
+def check_outputs(outputs: str | Path) -> None:
+    """``outputs`` exists as a folder this process can write in, or can be made so."""
+    root = Path(outputs)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".runner-probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise unwritable(outputs, root, exc) from None
 
 
 def new_run_dir(outputs: str | Path, task: str) -> Path:
@@ -50,28 +72,46 @@ _NO_JOB = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--she
            "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
-def claim_for(argv: list[str], conf: str) -> list[str]:
-    """A new single run: make and own its dir here (:func:`claim_run_dir`) and hand it to
-    Hydra as ``hydra.run.dir=...``, so that no config resolver creates anything. Other
-    command lines (a resume, a sweep, --help, --cfg, a run dir given) are left as typed."""
-    args = argv[1:]
-    if any(a.split("=", 1)[0] in _NO_JOB for a in args) or any(
-            a.startswith(("hydra.run.dir=", "resume.run=", "+hydra.run.dir=")) for a in args):
-        return argv
+def _compose(argv: list[str], conf: str) -> Any:
+    """The config this command line composes to, or None when Hydra would refuse it (Hydra
+    itself reports that next)."""
     from hydra import compose, initialize_config_dir
 
-    from runner.config import quote_value
-
-    overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    overrides = [a for a in argv[1:] if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
     try:
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        outputs, task, resume = cfg.outputs, cfg.task.name, cfg.resume.run
-    except Exception:  # a bad override: Hydra itself reports it next
-        return argv
-    if resume or any(c in str(outputs) for c in "'\"\\,"):
-        return argv  # (a path Hydra's grammar needs escapes for: the resolver names it)
-    return [*argv, quote_value(f"hydra.run.dir={claim_run_dir(outputs, task)}")]
+            return compose("config", overrides=overrides)
+    except Exception:
+        return None
+
+
+def claim_for(argv: list[str], conf: str) -> tuple[list[str], RunLock | None]:
+    """A new single run: make its dir here (:func:`claim_run_dir`), lock it for this
+    process's life (the lock is returned: keep it) and hand it to Hydra as
+    ``hydra.run.dir=...``, so that no config resolver creates anything. A sweep: its
+    ``outputs`` must be writable. Other command lines (a resume, --help, --cfg, a run dir
+    given) are left as typed."""
+    args = argv[1:]
+    sweep = any(a in ("-m", "--multirun") for a in args)
+    if any(a.split("=", 1)[0] in _NO_JOB for a in args if a not in ("-m", "--multirun")) or any(
+            a.startswith(("hydra.run.dir=", "resume.run=", "+hydra.run.dir=")) for a in args):
+        return argv, None
+    # a sweep's swept values (a,b / range(...)) do not compose: its outputs= is what counts
+    cfg = _compose([a for a in argv if not (sweep and ("," in a or "(" in a))], conf)
+    if cfg is None or any(c in str(cfg.outputs) for c in "'\"\\,"):
+        return argv, None  # (a path Hydra's grammar needs escapes for: the resolver names it)
+    if sweep:
+        check_outputs(cfg.outputs)
+        return argv, None
+    if cfg.resume.run:
+        return argv, None
+    from runner.config import quote_value, validate
+
+    validate(cfg)  # a bad setting is refused before a run dir is made for it
+
+    path = claim_run_dir(cfg.outputs, cfg.task.name)
+    lock = RunLock.acquire(RunDir(path).lock)
+    return [*argv, quote_value(f"hydra.run.dir={path}")], lock
 
 
 class RunDirResolver:
@@ -141,20 +181,18 @@ def check_compatible(old_task: dict[str, Any], new_task: dict[str, Any],
                           f"start a new run, or resume with the original values")
 
 
-def check_resume(argv: list[str], conf: str) -> None:
-    """Find the run ``resume.run=...`` names before Hydra does, so that a missing one is a
-    one-line error (exit 1) rather than Hydra's traceback of a failed interpolation."""
+def check_resume(argv: list[str], conf: str) -> RunLock | None:
+    """Find the run ``resume.run=...`` names before Hydra does, check its journal and lock
+    the run dir for this process's life (the lock is returned: keep it), so that a missing
+    run, a broken journal or a run another controller holds is a one-line error (exit 1)
+    with nothing written into the run dir."""
     values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume.run=")]
     if (not values or values[-1] in ("", "null", "None") or "," in values[-1]
             or any(a in ("-m", "--multirun") for a in argv[1:])):
-        return
-    from hydra import compose, initialize_config_dir
-
-    overrides = [a for a in argv[1:] if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
-    try:
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        outputs, task = cfg.outputs, cfg.task.name
-    except Exception:  # a bad override: Hydra itself reports it next
-        return
-    find_run(outputs, task, values[-1])
+        return None
+    cfg = _compose(argv, conf)
+    if cfg is None:
+        return None
+    run = RunDir(find_run(cfg.outputs, cfg.task.name, values[-1]))
+    journal_schema.verify(run.journal)  # (read-only: a refused journal's dir is left as found)
+    return RunLock.acquire(run.lock)

@@ -11,6 +11,7 @@ user's programs make would have (0666 & ~umask; folders 0777 & ~umask), not mkst
       summary.json                 RunDir.summary
       timeline.png                 RunDir.timeline
       journal.sqlite               RunDir.journal
+      .runner.lock                 RunDir.lock: held by the run's controller (runner.runlock)
       versions.json                RunDir.versions
       logs/worker-<slot>.log       RunDir.worker_log(slot)
       logs/errors/<name>.json      RunDir.error_file(name): the item's journal name
@@ -145,6 +146,11 @@ class RunDir:
         return self.root / "versions.json"
 
     @property
+    def lock(self) -> Path:
+        """Locked by the run's one controller for its life (runner.runlock)."""
+        return self.root / ".runner.lock"
+
+    @property
     def hydra_dir(self) -> Path:
         """Hydra's own files of the first run (config.yaml, hydra.yaml, overrides.yaml)."""
         return self.root / ".hydra"
@@ -231,6 +237,11 @@ class SweepDir:
     def json(self) -> Path:
         """sweep.json: one record per job; what a resume of the sweep reads."""
         return self.root / "sweep.json"
+
+    @property
+    def lock(self) -> Path:
+        """Locked by the sweep's launcher for its life (runner.runlock)."""
+        return self.root / ".runner.lock"
 
     @property
     def md(self) -> Path:

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.devices import MASK_VARIABLE
-from runner.errors import describe
+from runner.errors import describe, storage_problem
 from runner.messages import (BatchDone, Call, ChunkDone, ItemDone, ItemFailed, Ready, RungChanged,
-                             SlotExhausted, StartFailed, Stop, WorkerSpec)
+                             SlotExhausted, StartFailed, Stop, WorkerSpec, WriteRefused)
 from runner.oom import free_memory, is_oom
 from runner.tasks.base import BadInput, Item, WriteContext, instantiate_task
 
@@ -129,7 +129,17 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
                 raise RuntimeError(f"task returned {len(results)} results for {len(chunk)} items")
             ctx = WriteContext(Path(spec.run_dir), call.batch_no, slot.index, slot.label,
                                ladder.name, len(chunk), i, len(chunk) == len(items))
-            outputs = task.write(chunk, results, ctx)
+            try:
+                outputs = task.write(chunk, results, ctx)
+            except Exception as exc:
+                refused = storage_problem(exc)
+                if refused is None:
+                    raise
+                # the place is full or closed, not the items: none of the rest is charged
+                log.error("could not write the outputs of batch %d: %s", call.batch_no, refused)
+                conn.send(WriteRefused(slot.index, call.batch_no,
+                                       tuple(item.id for item in items[i:]), refused))
+                return True
         except Exception as exc:
             if is_oom(exc):
                 log.warning("out of memory on batch of %d with %s: %s", len(chunk), ladder.name,

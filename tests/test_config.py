@@ -90,21 +90,22 @@ def test_rewrite_argv_moves_resume_under_resume_run():
 # (override, key named in the error, value shown, words that say what is allowed)
 BAD = [
     ("devices.backend=tpu", "devices.backend", "'tpu'", "auto, cpu, cuda, xpu"),
-    ("devices.count=0", "devices.count", "0", "integer >= 1"),
-    ("devices.workers_per_device=0", "devices.workers_per_device", "0", "integer >= 1"),
-    ("devices.threads_per_worker=-2", "devices.threads_per_worker", "-2", "integer >= 1"),
+    ("devices.count=0", "devices.count", "0", "an integer in 1..4096, or null"),
+    ("devices.workers_per_device=0", "devices.workers_per_device", "0", "an integer in 1..4096"),
+    ("devices.threads_per_worker=-2", "devices.threads_per_worker", "-2",
+     "an integer in 1..4096, or null"),
     ("devices.ids=[]", "devices.ids", "[]", "non-empty list of ids >= 0"),
-    ("devices.ids=[-1]", "devices.ids", "[-1]", "ids >= 0"),
+    ("devices.ids=[-1]", "devices.ids", "[-1]", "a list of integers >= 0"),
     ("devices.ids=[1,1]", "devices.ids", "[1, 1]", "names a device twice"),
     ("chunking.strategy=striped", "chunking.strategy", "'striped'",
      "dynamic, size_balanced, contiguous, round_robin"),
-    ("chunking.prefetch=0", "chunking.prefetch", "0", "integer >= 1"),
+    ("chunking.prefetch=0", "chunking.prefetch", "0", "an integer in 1..64"),
     ("checkpoint.policy=sometimes", "checkpoint.policy", "'sometimes'", "resume, off"),
-    ("checkpoint.max_attempts=0", "checkpoint.max_attempts", "0", "integer >= 1"),
+    ("checkpoint.max_attempts=0", "checkpoint.max_attempts", "0", "an integer in 1..100"),
     ("executor.kind=slurm", "executor.kind", "'slurm'", "local, ray"),
-    ("executor.max_restarts=-1", "executor.max_restarts", "-1", ">= 0"),
-    ("batch_size=0", "batch_size", "0", "integer >= 1"),
-    ("limit=-5", "limit", "-5", ">= 0"),
+    ("executor.max_restarts=-1", "executor.max_restarts", "-1", "an integer in 0..1000"),
+    ("batch_size=0", "batch_size", "0", "an integer >= 1, or null"),
+    ("limit=-5", "limit", "-5", "an integer >= 0, or null"),
     ("progress=fancy", "progress", "'fancy'", "auto, rich, plain, off"),
 ]
 
@@ -153,7 +154,8 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["devices"] == {"name": "cuda4", "backend": "cuda", "count": 4, "ids": None,
-                              "workers_per_device": 1, "threads_per_worker": None}
+                              "workers_per_device": 1, "threads_per_worker": None,
+                              "force": False}
     assert cfg["chunking"]["strategy"] == "size_balanced"
     assert cfg["task"]["_target_"] == "runner.tasks.embed.EmbedTask"
     assert cfg["task"]["models"] == ["all-MiniLM-L6-v2"]

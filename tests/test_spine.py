@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from runner.errors import ExitCode, describe, one_line
-from runner.executor import Executor, IllegalSlotMove, SlotState, check_slot_move, _SLOT_MOVES
+from runner.executor import Executor
+from runner.slots import IllegalSlotMove, SlotState, check_slot_move, _SLOT_MOVES
 from runner.resume import claim_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,8 @@ def test_slot_table_says_what_the_docstring_says():
 
 
 def test_exit_codes_are_one_enum_with_their_meaning():
-    assert [int(c) for c in ExitCode] == [0, 1, 3, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 3, 4, 129, 130, 143]
+    assert ExitCode.for_signal("SIGTERM") == ExitCode.TERMINATED == 143
     assert ExitCode.describe(3) == "exit 3 (items failed)" and ExitCode.describe(7) == "exit 7"
 
 

@@ -2,9 +2,9 @@
 
 It starts with its lease's environment already in place (device mask, threads) and
 SIGINT ignored. It leaves the launcher's process group, so a terminal's Ctrl-C reaches the
-launcher alone (which forwards it once, as SIGTERM), and asks the kernel for SIGTERM if the
-launcher dies. Its stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own
-``run_job`` after ``Singleton.set_state``: .hydra/, job logging and callbacks behave as
+launcher alone (which forwards it, as the same signal), takes SIGINT back (Ctrl-C semantics
+for what the launcher forwards), and asks the kernel for SIGTERM if the launcher dies. Its
+stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own ``run_job`` after ``Singleton.set_state``: .hydra/, job logging and callbacks behave as
 under any launcher. A job that raises has its traceback logged through the job's own
 logging (its log file) and console.log the moment it fails. The JobReturn goes back to
 the launcher over a pipe, pickled with cloudpickle (task functions and OmegaConf resolvers
@@ -53,6 +53,7 @@ def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None
     """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
     with contextlib.suppress(OSError):
         os.setpgrp()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # out of the terminal's group now
     _die_with_parent()
     if console_log:
         _redirect(job_dir)

@@ -14,8 +14,10 @@ Parent (the process Hydra's sweeper runs in)::
       sentinel         -> the job ended: with its JobReturn, or killed (SIGKILL ...) or
                           crashed before returning -> a FAILED JobReturn made here
       a job failed and fail_fast -> hand out no more jobs
-      SIGINT/SIGTERM   -> hand out no more jobs; forward SIGTERM to running jobs (runner
-                          drains, then stops; a second signal stops them now; a third kills)
+      SIGINT/SIGTERM/SIGHUP -> hand out no more jobs; forward the same signal to running
+                          jobs (runner: SIGINT drains, then stops; SIGTERM/SIGHUP stop at
+                          once, nothing charged); a second one is forwarded too (runner
+                          stops now); a third kills them
     sweep.json / sweep.md after every change (runner/sweep.py); live view (_live.py)
 
 The job process itself (its own process group, console.log, Singleton.set_state, Hydra's
@@ -49,9 +51,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from hydra_plugins.runner_launcher import _live, _pool, _resume
 from hydra_plugins.runner_launcher._child import job_main
 from runner import sweep as sweep_mod
-from runner.errors import ExitCode, describe
+from runner.errors import ConfigError, ExitCode, describe
 from runner.processes import SignalCounter, exit_name, reap, spawn_environment
 from runner.rundir import SweepDir
+from runner.runlock import RunLock
 from runner.sweep import JobRecord, JobState
 
 log = logging.getLogger(__name__)
@@ -88,12 +91,16 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     except _resume.SweepError:
         _resume.drop_fresh_dir(config)
         raise
-    if plan:
-        sweep_dir = plan.sweep_dir
-        _resume.adopt_fresh_dir(config, sweep_dir)
-    else:
-        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+    sweep_dir = plan.sweep_dir if plan else Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one launcher per sweep dir, held until launch() returns (each job locks its own)
+        lock = RunLock.acquire(SweepDir(sweep_dir).lock, "sweep dir")
+    except ConfigError as exc:
+        if plan:
+            _resume.drop_fresh_dir(config)
+        raise _resume.SweepError(str(exc)) from None
+    if plan:
+        _resume.adopt_fresh_dir(config, sweep_dir)
     leases = _pool.make_pool(config, launcher.max_parallel)
     task_name = OmegaConf.select(config, "task.name", default=None)
 
@@ -133,6 +140,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     for j in jobs:
         returns[j.index] = j.ret
     _note_exit_codes(launcher.task_function, [j.record.exit_code for j in jobs])
+    lock.release()
     return returns  # type: ignore[return-value]
 
 
@@ -254,7 +262,8 @@ class _Loop:
             self.live.message(f"runner launcher: interrupted; no more jobs are started, "
                               f"{len(self.running)} running job(s) are asked to stop "
                               f"(again: stop them now; a third time: kill them)")
-        sig = signal.SIGKILL if self.signals.count >= 3 else signal.SIGTERM
+        sig = (signal.SIGKILL if self.signals.count >= 3
+               else signal.Signals[self.signals.signals[-1]])
         for j in self.running.values():
             with contextlib.suppress(OSError):
                 os.kill(j.process.pid, sig)

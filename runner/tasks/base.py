@@ -24,10 +24,11 @@ Rules a task follows:
 """
 from __future__ import annotations
 
+import stat as stat_mod
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 
 #: what a task's ``on_duplicate_id`` may say (runner.intake applies it)
@@ -38,6 +39,8 @@ ON_CHANGED = ("requeue", "error")
 
 # the errors a task raises live in runner.errors (one home); named here for task authors
 from runner.errors import BadInput, ConfigError  # noqa: E402,F401
+# a task's numeric settings declare their range with ranged(); TaskConfig checks them
+from runner.ranges import check_ranges, ranged  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,65 @@ class FinalizeContext:
     done: Sequence[tuple[str, str, str]] = field(default_factory=tuple)  # (id, output, model)
 
 
+# ---- inputs: what discovery may open --------------------------------------------------------
+_KINDS = ((stat_mod.S_ISFIFO, "a FIFO"), (stat_mod.S_ISCHR, "a character device"),
+          (stat_mod.S_ISBLK, "a block device"), (stat_mod.S_ISSOCK, "a socket"),
+          (stat_mod.S_ISDIR, "a folder"), (stat_mod.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a character device``, ... for a stat mode; "" for a regular file.
+    Discovery must never open anything but a regular file: opening a FIFO blocks until a
+    writer comes, reading /dev/zero never ends."""
+    if stat_mod.S_ISREG(mode):
+        return ""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_input_path(key: str, path: Path, what: str) -> None:
+    """``task.input`` must be a regular file or a folder: one line naming what it is
+    otherwise (``task.input=/dev/zero is not a regular file or folder (a character
+    device); give a file or a folder``). ``what``: the words for a missing path."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{key}={str(path)!r} does not exist; {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r} cannot be read ({exc.strerror or exc}); "
+                          f"{what}") from None
+    if not stat_mod.S_ISDIR(mode) and file_kind(mode):
+        raise ConfigError(f"{key}={path} is not a regular file or folder ({file_kind(mode)}); "
+                          f"give a file or a folder")
+
+
+def too_big(what: str, size: int, limit: int) -> str:
+    """The reason for an item over ``task.max_item_bytes``: ``the line is 52,428,800 bytes,
+    over task.max_item_bytes=1,000,000; split it or raise task.max_item_bytes``."""
+    return (f"{what} is {size:,} bytes, over task.max_item_bytes={limit:,}; split it or "
+            f"raise task.max_item_bytes")
+
+
 @dataclass
 class TaskConfig:
-    """Fields every task group has; a task's own config dataclass extends it."""
+    """Fields every task group has; a task's own config dataclass extends it.
+
+    Every int/float field declares its range with :func:`ranged`; ``__post_init__`` checks
+    them (a subclass with its own ``__post_init__`` calls ``super().__post_init__()``), so a
+    task that builds its config dataclass from its keyword arguments gets the one-line
+    ConfigError for free, in dry runs too.
+    """
 
     _target_: str = "runner.tasks.embed.EmbedTask"  # the Task class to instantiate
     name: str = "task"  # short name: run dirs are grouped by it, resume=latest matches it
     input: str = ""  # a file or a folder of inputs
     models: list[str] = field(default_factory=list)  # fallback chain, first preferred
+    # the largest item discovery accepts, in bytes as stored (a line, a cell, a file); a
+    # bigger one is failed at discovery with a line saying so, the others go on. null = no
+    # limit. Each task says what it measures and sets its own default.
+    max_item_bytes: Optional[int] = ranged(None, ge=1, none="no limit")
+
+    def __post_init__(self) -> None:
+        check_ranges(type(self), self, "task.")
 
 
 class Task(ABC):
@@ -127,7 +181,7 @@ class Task(ABC):
     output_dir: str = "outputs"
     #: Config keys (under ``task``) that do NOT change what an output means; everything
     #: else in the task group is compared when resuming.
-    resume_safe_keys: tuple[str, ...] = ()
+    resume_safe_keys: tuple[str, ...] = ("max_item_bytes",)
     #: True when items share output files (embed's shards hold many rows); False: the journal
     #: refuses to record one output path for two items
     shared_outputs: bool = False

