@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import logging
 import sys
 import time
@@ -202,8 +203,12 @@ def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict
     progress = make_progress(ctx.cfg.progress)
     progress.start({s.index: s.label for s in ctx.slots}, count,
                    {i: n for i, (n, _) in load.items()})
+    speculate = ctx.cfg.chunking.speculate
+    if speculate is None:
+        speculate = ctx.cfg.chunking.strategy == "dynamic"
     ledger = Ledger(journal, scheduler, ctx.rundir, list(ctx.slots),
-                        ctx.cfg.checkpoint.max_attempts, progress)
+                    ctx.cfg.checkpoint.max_attempts, progress, speculate=speculate)
+    shutil.rmtree(ctx.rundir.claims, ignore_errors=True)  # (a crashed run's batch numbers recur)
     ex = early if early is not None else _executor(ctx)
     t0 = early.spawned_at if early is not None else time.time()
     try:
@@ -216,6 +221,7 @@ def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict
         journal.commit()
         # every worker has stopped: a temp file is what a write killed half-way left behind
         stale = remove_stale_temps(ctx.rundir.output(ctx.task.output_dir))
+        shutil.rmtree(ctx.rundir.claims, ignore_errors=True)
         if stale:
             log.info("removed %d temp file(s) of writes cut short (%s ...)", len(stale),
                      ctx.rundir.relative(stale[0]))

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from runner.ranges import check_ranges, ranged
 from runner.tasks.base import ON_CHANGED, ConfigError
 
-BACKENDS = ("auto", "cpu", "cuda", "xpu")
+BACKENDS = ("auto", "cpu", "cuda", "xpu", "mixed", "all")  # mixed, all: runner/slot_groups.py
 STRATEGIES = ("dynamic", "size_balanced", "contiguous", "round_robin")
 CHECKPOINT_POLICIES = ("resume", "off")
 EXECUTORS = ("local", "ray")
@@ -30,7 +30,7 @@ PROGRESS_MODES = ("auto", "rich", "plain", "off")
 @dataclass
 class DevicesConfig:
     name: str = "cpu"  # the option's name, shown in the plan
-    backend: str = "cpu"  # auto | cpu | cuda | xpu
+    backend: str = "cpu"  # auto | cpu | cuda | xpu | mixed (devices.slots) | all (every card)
     # devices (CPU: worker slots) to use; null = every one found
     count: Optional[int] = ranged(1, ge=1, le=4096, none="every one found")
     # exact device ids (e.g. [1,3]); wins over count
@@ -41,6 +41,14 @@ class DevicesConfig:
     # plan more worker slots than runner.devices.slot_maximum allows (CPU: max(8, 4 x cores)
     # slots in all; a card: 8 workers): for a machine you know takes them
     force: bool = False
+    # devices=mixed: a list of slot groups, each with the fields above (backend, ids, count,
+    # workers_per_device, threads_per_worker) and speed; null for a single-backend option
+    slots: Optional[list[Any]] = None
+    # devices=all: CPU worker slots beside every CUDA and Arc card found
+    cpu_workers: int = ranged(0, ge=0, le=4096)
+    # these slots' speed relative to others (size_balanced weighs slots by it until a
+    # measured speed is known); 1 = as fast as any
+    speed: float = ranged(1.0, gt=0, le=1e6)
 
 
 @dataclass
@@ -48,6 +56,10 @@ class ChunkingConfig:
     strategy: str = "dynamic"  # dynamic | size_balanced | contiguous | round_robin
     prefetch: int = ranged(2, ge=1, le=64)  # batches handed to a worker ahead of the one it is running
     guided_tail: bool = True  # dynamic: the last batches shrink so that slots finish together
+    # once the queue is empty, an idle slot runs a copy of the in-flight batch expected to
+    # finish last when it would finish it sooner; the first result wins. null = on for
+    # dynamic, off for the static strategies
+    speculate: Optional[bool] = None
 
 
 @dataclass
@@ -77,6 +89,12 @@ class ExecutorConfig:
 
 
 @dataclass
+class BatchProbeConfig:
+    floor: int = ranged(1, ge=1, le=1 << 20)  # batch_size=auto: the first batch size tried
+    max: int = ranged(256, ge=1, le=1 << 20)  # batch_size=auto: never probe above this
+
+
+@dataclass
 class ResumeConfig:
     run: Optional[str] = None  # latest | <run dir> | null (a new run)
     retry_failed: bool = False  # also retry items that failed in the run being resumed
@@ -92,8 +110,13 @@ class RunnerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # what survives
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # process mechanics
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # continue an earlier run
-    # items per batch; null = the task's default
-    batch_size: Optional[int] = ranged(None, ge=1, none="the task's default")
+    # items per batch: an integer >= 1; auto = the largest that fits, probed per slot on real
+    # items (CPU slots: the task's default); null = the task's default
+    batch_size: Any = None
+    batch_probe: BatchProbeConfig = field(default_factory=BatchProbeConfig)  # batch_size=auto
+    # per-backend model chains, e.g. {cuda: [large-v3, medium], cpu: [base]} (conf/models/);
+    # null = task.models on every backend
+    models: Any = None
     # only the first N items (stable order); null = all
     limit: Optional[int] = ranged(None, ge=0, none="all items")
     dry_run: bool = False  # print the plan and stop, importing no accelerator stack
@@ -122,6 +145,17 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"devices.ids={list(d.ids)!r} names a device twice")
         if d.backend == "cpu":
             raise ConfigError("devices.ids is for cuda/xpu cards; for CPU set devices.count")
+    from runner.slot_groups import check_options
+
+    check_options(d)  # slots (mixed), cpu_workers (all), and each group of devices.slots
+    b = cfg.batch_size
+    if not (b is None or b == "auto" or (isinstance(b, int) and not isinstance(b, bool)
+                                          and 1 <= b <= 1 << 20)):
+        raise ConfigError(f"batch_size={b!r} is not allowed: an integer in 1..{1 << 20}, auto "
+                          f"(the largest that fits, per slot) or null (the task's default)")
+    if cfg.batch_probe.floor > cfg.batch_probe.max:
+        raise ConfigError(f"batch_probe.floor={cfg.batch_probe.floor} is above batch_probe.max="
+                          f"{cfg.batch_probe.max}: the floor must be <= the max")
     _choice("chunking.strategy", cfg.chunking.strategy, STRATEGIES)
     _choice("checkpoint.policy", cfg.checkpoint.policy, CHECKPOINT_POLICIES)
     _choice("executor.kind", cfg.executor.kind, EXECUTORS)

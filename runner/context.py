@@ -24,7 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import config as config_mod
 from runner import devices as devices_mod
+from runner import oom
+from runner import chains as chains_mod
 from runner import provenance, resume as resume_mod
+from runner import slot_groups
 from runner.devices import Inventory, Slot
 from runner.errors import ConfigError
 from runner.messages import WorkerSpec
@@ -49,15 +52,19 @@ class RunContext:
     slots: tuple[Slot, ...]  # one per worker, each with its full environment (task's included)
     chains: dict[str, list[ModelRung]]  # backend -> the fallback chain as resolved there
     warnings: tuple[str, ...]  # models skipped, and why
-    batch_size: int
+    batch_size: int  # items per dispatched call (batch_size=auto: runner.oom.call_size)
     resume: dict  # {} for a new run; when, overrides, retry_failed for a resume
     lock: RunLock  # this controller's hold on the run dir (released when the job ends)
 
     def spec(self, slot: Slot, incarnation: int) -> WorkerSpec:
-        """What the worker of ``slot`` is spawned with."""
+        """What the worker of ``slot`` is spawned with: its batch size, and with
+        ``batch_size=auto`` on an accelerator its probe bounds (runner.oom.slot_batch)."""
+        start, probe = oom.slot_batch(self.cfg.batch_size, self.cfg.batch_probe.floor,
+                                      self.cfg.batch_probe.max,
+                                      getattr(self.task, "default_batch_size", 1), slot.backend)
         return WorkerSpec(slot, incarnation, self.task_cfg, tuple(self.chains[slot.backend]),
-                          self.batch_size, str(self.rundir.root),
-                          str(self.rundir.worker_log(slot.index)), self.cfg.seed)
+                          start, str(self.rundir.root),
+                          str(self.rundir.worker_log(slot.index)), self.cfg.seed, probe=probe)
 
     @property
     def resume_command(self) -> str:
@@ -68,37 +75,49 @@ class RunContext:
 
 
 def _inventory(cfg: DictConfig) -> Inventory | None:
-    if cfg.dry_run and cfg.devices.backend == "auto" and cfg.devices.ids is None:
-        # auto must plan what a real run would get: nvidia-smi looks without importing
-        # torch; the XPU probe needs torch (in a subprocess), so a dry run skips it.
+    d = cfg.devices
+    if cfg.dry_run and d.backend in ("auto", "all") and d.ids is None:
+        # auto and all must plan what a real run would get: nvidia-smi looks without
+        # importing torch; the XPU probe needs torch (in a subprocess), so a dry run skips it.
         found = devices_mod.discover(("cuda",))
-        return dataclasses.replace(found, notes=found.notes + (
-            "xpu: not probed in a dry run (the probe imports torch in a subprocess)",))
-    if cfg.dry_run:
+        return _noted(cfg, dataclasses.replace(found, notes=found.notes + (
+            "xpu: not probed in a dry run (the probe imports torch in a subprocess)",)))
+    if cfg.dry_run:  # (mixed too: a dry run plans what its groups ask, on any machine)
         return None
     if cfg.executor.kind == "ray" and cfg.executor.address:
         from runner.executor_ray import cluster_inventory  # slots from the cluster's resources
 
-        return cluster_inventory(cfg.executor.address)
-    return devices_mod.discover(devices_mod.backends_to_probe(cfg.devices.backend))
+        return _noted(cfg, cluster_inventory(cfg.executor.address))
+    if d.backend in ("mixed", "all"):  # both card kinds, where auto stops at CUDA
+        return _noted(cfg, devices_mod.discover(devices_mod.probe_for(d), every=True))
+    return devices_mod.discover(devices_mod.backends_to_probe(d.backend))
 
 
-def _chains(task: Task, backends: list[str]) -> tuple[dict[str, list[ModelRung]], tuple[str, ...]]:
-    chains = {b: task.model_chain(b) for b in backends}
-    warnings = tuple(f"model {r.name} skipped on {b}: {r.reason}"
-                     for b, rungs in chains.items() for r in rungs if not r.available)
-    for w in warnings:
+def _noted(cfg: DictConfig, inventory: Inventory) -> Inventory:
+    """devices=all that found no card says so (plan.yaml's discovery, the dry run, the log)."""
+    note = slot_groups.all_note(cfg.devices, inventory)
+    if note is None:
+        return inventory
+    log.info(note)
+    return dataclasses.replace(inventory, notes=inventory.notes + (note,))
+
+
+def _chains(task: Task, task_cfg: dict, backends: list[str], group: dict[str, list[str]],
+            overrides: tuple[str, ...]) -> tuple[dict[str, list[ModelRung]], tuple[str, ...]]:
+    """backend -> its chain: the models group's for a backend it names, else task.models
+    (runner/chains.py); warnings: models skipped, a typed task.models the group shadows."""
+    name = chains_mod.group_name()
+    chains, warnings = chains_mod.resolve(task, task_cfg, backends, group, name)
+    shadowed = chains_mod.shadowed(overrides, backends, group, name)
+    for w in shadowed:
         log.warning(w)
-    for b, rungs in chains.items():
-        if not any(r.available for r in rungs):
-            raise ConfigError(f"task.models={[r.name for r in rungs]}: none can be had on this "
-                              f"machine for {b} ({'; '.join(r.reason for r in rungs)})")
-    return chains, warnings
+    return chains, warnings + shadowed
 
 
 def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
     """Check the config, make the run dir, the task, the slots and the model chains."""
     config_mod.validate(cfg)
+    group = chains_mod.group_chains(cfg.models)  # the models group's chains, checked
     if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("executor=ray needs Ray: pip install 'runner[ray]' (or pip install ray), "
                           "or use executor=local")
@@ -111,15 +130,16 @@ def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
     task = instantiate_task(task_cfg)
     inventory = _inventory(cfg)
     slots = devices_mod.make_slots(cfg.devices, inventory)
-    backends = sorted({s.backend for s in slots})
+    backends = list(dict.fromkeys(s.backend for s in slots))  # in slot order
     task.check(frozenset(backends))
-    chains, warnings = _chains(task, backends)
+    chains, warnings = _chains(task, task_cfg, backends, group, tuple(hydra_cfg.overrides.task))
     extra_env = task.worker_env()  # the task's own variables join every slot's, once
     slots = tuple(dataclasses.replace(s, env={**s.env, **extra_env}) for s in slots)
     resume: dict[str, Any] = {}
     if cfg.resume.run:
         old = json.loads(rundir.task_config.read_text())
         resume_mod.check_compatible(old, task_cfg, tuple(task.resume_safe_keys))
+        chains_mod.check_resume(rundir.hydra_config, group)  # the models group, likewise
         resume = {"resumed": str(rundir.root), "time": time.time(),
                   "overrides": list(hydra_cfg.overrides.task),
                   "retry_failed": cfg.resume.retry_failed}
@@ -127,4 +147,6 @@ def prepare(cfg: DictConfig, argv: list[str]) -> RunContext:
         atomic_write_json(rundir.task_config, task_cfg)
     return RunContext(cfg, tuple(argv), tuple(hydra_cfg.overrides.task), rundir, task, task_cfg,
                       inventory, slots, chains, warnings,
-                      cfg.batch_size or getattr(task, "default_batch_size", 1), resume, lock)
+                      oom.call_size(cfg.batch_size, cfg.batch_probe.floor, cfg.batch_probe.max,
+                                    getattr(task, "default_batch_size", 1),
+                                    {s.backend for s in slots}), resume, lock)

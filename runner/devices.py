@@ -9,8 +9,12 @@ Discovery never imports torch in the controller:
   Zero's own numbering is what ``ZE_AFFINITY_MASK`` uses, and sysfs order need not match it.
 * CPU: ``os.sched_getaffinity`` (the cores this process may use).
 
-A slot is one worker process: its backend, device id, thread count and the exact
-environment it starts with. More slots than a machine sensibly takes (:func:`slot_maximum`
+A slot is one worker process: its backend, device id, thread count, relative speed and the
+exact environment it starts with. One run may mix backends: ``devices=mixed`` lists slot
+groups in ``devices.slots`` (:func:`slot_groups` checks each), ``devices=all`` takes every
+CUDA and Arc card found plus ``devices.cpu_workers`` CPU slots; each slot gets its own
+backend's variables, and CPU threads are split so that card slots keep a few each and CPU
+slots share the rest (:func:`_group_slots`). More slots than a machine sensibly takes (:func:`slot_maximum`
 CPU slots, :data:`MAX_WORKERS_PER_CARD` per card) are refused unless ``devices.force``. The isolation variable (``CUDA_VISIBLE_DEVICES=<id>`` or
 ``ZE_AFFINITY_MASK=<id>``, a plain ordinal: ``0.0`` is invalid under the FLAT hierarchy) is
 part of that environment, so the worker sees its card as index 0 before torch is imported.
@@ -53,6 +57,10 @@ class Slot:
     device_id: int | None  # the card's id on the machine; None for CPU
     threads: int  # CPU threads (OMP_NUM_THREADS, torch.set_num_threads)
     env: dict[str, str] = field(default_factory=dict)  # set before the process starts
+    # relative speed (devices.speed, or its group's speed): the scheduler weighs slots by it
+    # until it has measured them; 1 = as fast as any
+    speed: float = 1.0
+    group: str = ""  # the setting that made it: devices=cpu2, devices.slots[1]
 
     @property
     def label(self) -> str:
@@ -124,15 +132,30 @@ def _discover_xpu(notes: list[str]) -> tuple[str, ...]:
 
 
 def backends_to_probe(backend: str) -> tuple[str, ...]:
-    """Which accelerators ``devices.backend`` asks discovery to look for."""
-    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",)}.get(backend, ())
+    """Which accelerators ``devices.backend`` asks discovery to look for (mixed: see
+    :func:`probe_for`, which reads the groups)."""
+    return {"auto": ("cuda", "xpu"), "cuda": ("cuda",), "xpu": ("xpu",), "all": ("cuda", "xpu"),
+            "mixed": ("cuda", "xpu")}.get(backend, ())
 
 
-def discover(backends: tuple[str, ...] = ("cuda", "xpu")) -> Inventory:
-    """Find what the machine has; only the accelerator kinds in ``backends`` are probed."""
+def probe_for(cfg) -> tuple[str, ...]:
+    """The accelerators a devices config needs discovery to look for: for ``mixed``, the
+    card backends its groups name (a CPU-only mix probes nothing)."""
+    if cfg.backend != "mixed":
+        return backends_to_probe(cfg.backend)
+    from runner.slot_groups import slot_groups
+
+    named = {g.backend for g in slot_groups(cfg)}
+    return tuple(b for b in ("cuda", "xpu") if b in named)
+
+
+def discover(backends: tuple[str, ...] = ("cuda", "xpu"), *, every: bool = False) -> Inventory:
+    """Find what the machine has; only the accelerator kinds in ``backends`` are probed.
+    ``auto`` wants CUDA else XPU, so the XPU probe (a torch import in a subprocess) is
+    skipped when CUDA cards were found, unless ``every`` (devices=all, mixed: both kinds)."""
     notes: list[str] = []
     cuda = _discover_cuda(notes) if "cuda" in backends else ()
-    xpu = _discover_xpu(notes) if "xpu" in backends and not cuda else ()
+    xpu = _discover_xpu(notes) if "xpu" in backends and (every or not cuda) else ()
     return Inventory(cpu_cores=_cpu_cores(), cuda=cuda, xpu=xpu, notes=tuple(notes))
 
 
@@ -206,25 +229,31 @@ def _check_slot_count(cfg, backend: str, cores: int, nodes: int) -> None:
 
 def make_slots(cfg, inventory: Inventory | None) -> list[Slot]:
     """The worker slots for a devices config; ``inventory=None`` plans without checking the
-    devices exist (the slot maximum is checked either way)."""
+    devices exist (the slot maximum is checked either way). ``mixed`` and ``all`` (several
+    backends) are planned by :func:`runner.slot_groups.group_slots`."""
     backend = resolve_backend(cfg.backend, inventory)
+    if backend in ("mixed", "all"):
+        from runner.slot_groups import group_slots
+
+        return group_slots(cfg, inventory)
     cores = inventory.cpu_cores if inventory is not None else _cpu_cores()
     per = cfg.workers_per_device
     nodes = inventory.nodes if inventory is not None else 1
+    speed = float(getattr(cfg, "speed", 1.0))
+    group = f"devices={getattr(cfg, 'name', backend)}"
     _check_slot_count(cfg, backend, cores, nodes)
     if backend == "cpu":
         n = (cfg.count if cfg.count is not None else 1) * per * nodes
         threads = cfg.threads_per_worker or max(1, cores // n)
-        return [
-            Slot(i, "cpu", None, threads, _env(i, None, None, threads)) for i in range(n)
-        ]
+        return [Slot(i, "cpu", None, threads, _env(i, None, None, threads), speed, group)
+                for i in range(n)]
     ids = _device_ids(cfg, backend, inventory)
     threads = cfg.threads_per_worker or max(1, min(4, cores // (len(ids) * per)))
     slots = []
     for dev in ids:
         for _ in range(per):
             slots.append(Slot(len(slots), backend, dev, threads,
-                              _env(len(slots), backend, dev, threads)))
+                              _env(len(slots), backend, dev, threads), speed, group))
     return slots
 
 

@@ -42,8 +42,8 @@ from typing import Any, Callable, ContextManager, Iterable, Protocol
 from runner.devices import Slot
 from runner.slots import Death, SlotState, Worker
 from runner.errors import StorageError, storage_problem
-from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, Ready, RungChanged,
-                             SlotExhausted, StartFailed, WorkerSpec, WriteRefused)
+from runner.messages import (BatchDone, Call, ChunkDone, ItemFailed, RaceLost, Ready,
+                             RungChanged, SlotExhausted, StartFailed, WorkerSpec, WriteRefused)
 from runner.processes import SignalCounter, exit_name
 from runner.ledger import Ledger
 
@@ -208,9 +208,16 @@ class Executor:
         for w in list(self.workers.values()):
             while w.state == SlotState.READY and w.outstanding < self.prefetch:
                 batch = self.ledger.next_batch(w.slot, w.pid)
-                if not batch:
+                if batch:
+                    call = Call(self.ledger.journal.next_batch_no(), tuple(batch))
+                elif w.outstanding == 0 and self.interrupts.count == 0:
+                    # nothing left for it: maybe a copy of the batch expected to end last
+                    call = self.ledger.copy_for(w.slot, self.ledger.journal.next_batch_no)
+                    if call is None:
+                        break
+                    batch = list(call.items)
+                else:
                     break
-                call = Call(self.ledger.journal.next_batch_no(), tuple(batch))
                 if not self.mech.send(w, call):
                     self.ledger.unsent(w.slot, batch)
                     break
@@ -242,6 +249,9 @@ class Executor:
             self.ledger.note(f"{w.slot.label}: {msg.error}; this slot stops, the others go on")
         elif isinstance(msg, StartFailed):
             w.failed_to_start = msg.error
+        elif isinstance(msg, RaceLost):
+            w.call_over(time.monotonic())
+            self.ledger.race_lost(msg)
         elif isinstance(msg, WriteRefused):
             w.call_over(time.monotonic())
             self.ledger.write_refused(msg)

@@ -334,6 +334,11 @@ class Journal:
                                  None if self.shared_outputs else names.fold(r[1])))
                          for r in rows])
 
+    def moved(self, item_ids: Sequence[str], slot: int, device: str) -> None:
+        """Running items whose result came from another slot (a speculative copy won)."""
+        self._db.executemany("UPDATE items SET slot=?, device=? WHERE id=? AND status='running'",
+                             [(slot, device, i) for i in item_ids])
+
     def mark_failed(self, item_id: str, error: str, finished: float,
                     model: str | None = None) -> None:
         self._move(item_id, ItemStatus.FAILED, "error=?, finished=?, model=COALESCE(?, model)",

@@ -5,6 +5,7 @@
       items_done, item_failed, batch_done    ├──> logs/errors/<name>.json, progress display
       worker_ready, rung_changed             └──> SlotStats (summary.json)
       worker_gone, replies_lost, stop_requested, write_refused
+      copy_for, race_lost                    └──> Speculator (speculation.py): tail copies
 
 The executor owns the loop and its mechanics own processes or actors (starting, waiting,
 killing); this module owns what follows from what they report, identically for every
@@ -14,7 +15,10 @@ executor:
 * results: done -> journal; failed -> retried, or failed for good with an error file;
 * deaths: every in-flight item of the dead slot goes back to the queue as a suspect (alone
   in its next batch), or is quarantined as failed once it used ``max_attempts``;
-* figures per slot for the summary, and the progress display.
+* figures per slot for the summary, and the progress display;
+* speculation: an item may be in flight on two slots (a copy of a batch and its original);
+  the first result is recorded and the other copy is dropped, a death of one copy leaves the
+  item to the other, and RaceLost from the survivor of a dead winner requeues it.
 """
 from __future__ import annotations
 
@@ -22,17 +26,18 @@ import json
 import sqlite3
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from runner.devices import Slot
 from runner.journal import Journal
-from runner.messages import (BatchDone, Call, ItemDone, ItemFailed, Ready, RungChanged,
-                             WriteRefused)
+from runner.messages import (BatchDone, Call, ItemDone, ItemFailed, RaceLost, Ready,
+                             RungChanged, WriteRefused)
 from runner.processes import exit_name
 from runner.progress import Progress
 from runner.rundir import RunDir, atomic_write_json
 from runner.scheduler import Scheduler
+from runner.speculation import CallInFlight, Speculator
 from runner.tasks.base import Item
 
 log = logging.getLogger("runner")
@@ -57,9 +62,14 @@ class SlotStats:
 
 
 
+def _cost(item: Item) -> float:
+    """An item's cost for speeds and estimates (an item without one counts 1)."""
+    return item.cost if item.cost and item.cost > 0 else 1.0
+
+
 class Ledger:
     def __init__(self, journal: Journal, scheduler: Scheduler, rundir: RunDir, slots: list[Slot],
-                 max_attempts: int, progress: Progress):
+                 max_attempts: int, progress: Progress, speculate: bool = False):
         self.journal = journal
         self.scheduler = scheduler
         self.rundir = rundir
@@ -74,6 +84,13 @@ class Ledger:
         self.notes: list[str] = []
         self.stop_requested_at: float | None = None
         self.stop_signal: str | None = None
+        # tail speculation (speculation.py): calls in flight by batch_no, when each slot's
+        # running call began, speeds; copies made and won
+        self.speculate = speculate
+        self.speculator = Speculator({s.index: float(getattr(s, "speed", 1.0)) for s in slots})
+        self.flight: dict[int, CallInFlight] = {}
+        self.running_since: dict[int, float] = {}
+        self.copies = {"made": 0, "won": 0}
 
     # ---- dispatch ------------------------------------------------------------------------
     def next_batch(self, slot: Slot, pid: int | None) -> list[Item]:  # noqa: ARG002
@@ -85,12 +102,45 @@ class Ledger:
         return batch
 
     def sent(self, slot: Slot, call: Call) -> None:
+        if not self.calls[slot.index]:
+            self.running_since[slot.index] = time.monotonic()
         self.calls[slot.index].append((call.batch_no, tuple(item.id for item in call.items)))
+        self.flight[call.batch_no] = CallInFlight(
+            call.batch_no, slot.index, call.race_id, sum(_cost(i) for i in call.items),
+            copy=call.race is not None)
         self.progress.slot_state(slot.index, "running")
+
+    def _elsewhere(self, item_id: str, slot: int) -> bool:
+        """``item_id`` is in flight on another slot too (a speculative copy)."""
+        return any(item_id in f for s, f in self.inflight.items() if s != slot)
+
+    def copy_for(self, slot: Slot, number: Callable[[], int]) -> Call | None:
+        """Speculation: a copy, for idle ``slot``, of the call expected to finish last, or
+        None (off, nothing worth copying). The caller sends it like any call."""
+        if not self.speculate:
+            return None
+        queues = {s: [self.flight[b] for b, _ in calls if b in self.flight]
+                  for s, calls in self.calls.items()}
+        target = self.speculator.pick(slot.index, queues, self.running_since, time.monotonic())
+        if target is None:
+            return None
+        ids = next(ids for b, ids in self.calls[target.slot] if b == target.batch_no)
+        items = [self.inflight[target.slot][i] for i in ids if i in self.inflight[target.slot]]
+        if not items:
+            return None
+        target.copied = True
+        for item in items:
+            self.inflight[slot.index][item.id] = item
+        self.copies["made"] += 1
+        log.info("speculation: %s runs a copy of batch %d (%d item(s)) of %s", slot.label,
+                 target.batch_no, len(items), self.labels[target.slot])
+        return Call(number(), tuple(items), race=target.race)
 
     def unsent(self, slot: Slot, batch: list[Item]) -> None:
         for item in batch:
             self.inflight[slot.index].pop(item.id, None)
+        batch = [i for i in batch if not self._elsewhere(i.id, slot.index)]  # (not a copy's)
+        for item in batch:
             self.journal.mark_pending(item.id, refund=True)
         self.scheduler.requeue(batch, suspect=False)
 
@@ -111,13 +161,27 @@ class Ledger:
 
     def items_done(self, msgs: Sequence[ItemDone]) -> None:
         """A chunk's results: one journal write for all of them."""
-        fresh = []
+        fresh, moved = [], []
         for msg in msgs:
-            if self.inflight[msg.slot].pop(msg.item_id, None) is None:
+            item = self.inflight[msg.slot].pop(msg.item_id, None)
+            if item is None:
                 log.warning("result for %s from %s that was not in flight; ignored",
                             msg.item_id, self.labels[msg.slot])
-            else:
-                fresh.append(msg)
+                continue
+            fresh.append(msg)
+            self.speculator.record(msg.slot, _cost(item),
+                                   (msg.finished - msg.started) / max(1, msg.batch_size))
+            if self._elsewhere(msg.item_id, msg.slot):  # this copy won: drop the other
+                for s, f in self.inflight.items():
+                    if s != msg.slot:
+                        f.pop(msg.item_id, None)
+            if self.flight.get(msg.batch_no) is not None and self.flight[msg.batch_no].copy:
+                moved.append(msg)
+        if moved:
+            self.copies["won"] += len({m.batch_no for m in moved})
+            for slot in {m.slot for m in moved}:
+                self.journal.moved([m.item_id for m in moved if m.slot == slot], slot,
+                                   self.labels[slot])
         rows = [(m.item_id, m.output, m.model, m.batch_size, m.started, m.finished,
                  json.dumps(list(m.placed)) if m.placed else None, m.warning or None)
                 for m in fresh]
@@ -151,8 +215,8 @@ class Ledger:
 
     def item_failed(self, msg: ItemFailed, pid: int | None) -> None:
         item = self.inflight[msg.slot].pop(msg.item_id, None)
-        if item is None:
-            return
+        if item is None or self._elsewhere(msg.item_id, msg.slot):
+            return  # (a copy runs it elsewhere: that one's outcome counts)
         st = self.stats[msg.slot]
         self._busy(st, msg.batch_no, msg.started, msg.finished)
         attempt = self.journal.attempts(msg.item_id)
@@ -180,6 +244,8 @@ class Ledger:
 
     def batch_done(self, msg: BatchDone) -> None:
         self.calls[msg.slot] = [c for c in self.calls[msg.slot] if c[0] != msg.batch_no]
+        self.flight.pop(msg.batch_no, None)
+        self.running_since[msg.slot] = time.monotonic()  # its next call begins now
         if not self.inflight[msg.slot]:
             self.progress.slot_state(msg.slot, "idle")
 
@@ -205,8 +271,12 @@ class Ledger:
         started = next((set(i for i in ids if i in inflight)
                         for _, ids in self.calls[slot.index] if any(i in inflight for i in ids)),
                        set(inflight))
+        for batch_no, _ in self.calls[slot.index]:
+            self.flight.pop(batch_no, None)
         self.calls[slot.index] = []
         inflight.clear()
+        # an item a copy still runs on another slot is that copy's business
+        items = [i for i in items if not self._elsewhere(i.id, slot.index)]
         if not quiet:
             self.stats[slot.index].deaths += 1
             self.note(f"worker {slot.label} (pid {pid}) died: {why}; {len(items)} item(s) in "
@@ -256,6 +326,19 @@ class Ledger:
         for item in items:
             self.journal.mark_pending(item.id, refund=True)
         self.scheduler.requeue(items, suspect=False)
+        self.batch_done(BatchDone(msg.slot, msg.batch_no))
+
+    def race_lost(self, msg: RaceLost) -> None:
+        """The other call of the race claimed it first. Its items are normally done by then;
+        one whose winner died after claiming goes back to the queue (charged: it was in a
+        worker that died)."""
+        inflight = self.inflight[msg.slot]
+        items = [inflight.pop(i) for i in msg.item_ids if i in inflight]
+        orphans = [it for it in items if not self._elsewhere(it.id, msg.slot)]
+        for item in orphans:
+            self.journal.mark_pending(item.id, error="its batch's other copy died after "
+                                                     "claiming it; retried")
+        self.scheduler.requeue(orphans, suspect=True)
         self.batch_done(BatchDone(msg.slot, msg.batch_no))
 
     def stop_requested(self, signame: str, grace_s: float) -> None:

@@ -2,7 +2,7 @@
 
     controller -> worker:   WorkerSpec (process argument), Call, Stop
     worker -> controller:   Ready, ChunkDone (of ItemDone), ItemFailed, BatchDone, RungChanged,
-                            SlotExhausted, StartFailed, WriteRefused
+                            SlotExhausted, StartFailed, WriteRefused, RaceLost
 """
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ class WorkerSpec:
     incarnation: int  # 0 for the first process of a slot, +1 per restart
     task_config: dict  # the task group, instantiated again in the worker
     rungs: tuple[ModelRung, ...]  # the slot's fallback chain, first preferred
-    batch_size: int  # the starting rung's batch size
+    batch_size: int  # the batch size each model starts at (the floor when probing)
     run_dir: str
     log_path: str
     seed: int = 0
     poll_s: float = 1.0  # how often an idle worker checks that its controller lives
+    # batch_size=auto on an accelerator slot: (batch_probe.floor, batch_probe.max), the
+    # bounds each model's batch grows within, doubling on real items; None = no probe
+    probe: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,14 @@ class Call:
 
     batch_no: int
     items: tuple[Item, ...]
+    # the race this call runs in: its own batch_no, or -- for a speculative copy -- the
+    # batch_no of the call it copies. Of a race's calls only the first to claim it
+    # (RunDir.claim) makes outputs; the others send RaceLost.
+    race: int | None = None
+
+    @property
+    def race_id(self) -> int:
+        return self.batch_no if self.race is None else self.race
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,13 @@ class WriteRefused:
     item_ids: tuple[str, ...]
     error: str  # one line: what was refused, where (storage_problem)
 
+
+@dataclass(frozen=True)
+class RaceLost:
+    """Another call of this call's race (a speculative copy, or the original) claimed it
+    first: nothing of this call was written. It stands for the call's BatchDone;
+    ``item_ids`` are the call's items."""
+
+    slot: int
+    batch_no: int
+    item_ids: tuple[str, ...]

@@ -9,6 +9,11 @@ Recognised as OOM (the ladder walks: halve the batch, then the next model):
   * ``MemoryError`` and torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory",
     a plain RuntimeError) -- host memory, for CPU workers
 Every other exception, RuntimeError included, is an item error.
+
+Batch sizes per slot (``batch_size``, ``batch_probe``): :func:`slot_batch` gives the batch a
+worker starts at and, for ``batch_size=auto`` on an accelerator slot, the bounds it probes
+within; :func:`call_size` gives how many items the controller puts in one call. The probe
+itself runs in the worker (runner/worker.py, ``_Ladder``).
 """
 from __future__ import annotations
 
@@ -58,3 +63,38 @@ def free_memory(device: str) -> None:
                 backend.empty_cache()
         except RuntimeError:
             pass
+
+
+def probes(backend: str) -> bool:
+    """``batch_size=auto`` probes on an accelerator slot (cuda, xpu); a CPU slot takes the
+    task's default batch size: its batch is limited by speed, not by a card's memory."""
+    return backend != "cpu"
+
+
+def slot_batch(batch_size: int | str | None, floor: int, top: int, default: int,
+               backend: str) -> tuple[int, tuple[int, int] | None]:
+    """(the batch size a worker of ``backend`` starts at, its probe bounds or None).
+
+    ``batch_size``: the top-level setting (an int, "auto" or None = the task's ``default``);
+    ``floor``, ``top``: ``batch_probe.floor`` and ``batch_probe.max``.
+    """
+    if batch_size != "auto":
+        return int(batch_size or default), None
+    if not probes(backend):
+        return default, None
+    return floor, (floor, top)
+
+
+def call_size(batch_size: int | str | None, floor: int, top: int, default: int,
+              backends: "set[str] | frozenset[str] | list[str]") -> int:
+    """Items per dispatched call: the scheduler's batch size, one for every slot.
+
+    A worker's ladder cuts each call into chunks of its own batch size, so with
+    ``batch_size=auto`` a call holds ``batch_probe.max`` items wherever a slot probes: its
+    worker can grow to any size the probe allows within one call (and a CPU slot beside it
+    runs the same call in chunks of the task's default). Without a probing slot a call is
+    the task's default, as with ``batch_size=null``.
+    """
+    sizes = [probe[1] if probe else start
+             for start, probe in (slot_batch(batch_size, floor, top, default, b) for b in backends)]
+    return max(sizes, default=int(batch_size if isinstance(batch_size, int) else default))

@@ -2,7 +2,10 @@
 
 :func:`build` makes it from the run context and the journal (after discovery): it recovers
 the journal, lets the scheduler assign the work, and writes plan.yaml. ``dry_run=true``
-prints :meth:`Plan.render` and stops; nothing here imports torch.
+prints :meth:`Plan.render` and stops; nothing here imports torch. Each slot says its
+backend, the devices setting that made it (a mixed plan has several groups), its threads,
+speed and environment, and the chain of models it will walk; the plan says where each
+backend's chain comes from (the models group, or task.models).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 from omegaconf import OmegaConf
 
+from runner import chains as chains_mod
 from runner.devices import Inventory, Slot
 from runner.journal import Journal
 from runner.rundir import atomic_write_text
@@ -26,11 +30,14 @@ if TYPE_CHECKING:
 class SlotPlan:
     index: int
     device: str  # cuda:1, xpu:0, cpu:0
-    backend: str
+    backend: str  # cpu | cuda | xpu (a mixed plan has several)
     device_id: int | None
+    group: str  # the devices setting that made it: devices=cpu2, devices.slots[1]
     threads: int
+    speed: float  # relative speed the scheduler starts from (devices.speed / the group's)
     env: dict[str, str]  # exactly what the worker process starts with (beyond the parent's)
     model: str  # the rung it will start on
+    chain: list[str]  # the models it may walk, in order (its backend's available rungs)
     planned_items: int | None  # static strategies: how many items it is given
     planned_cost: float | None
 
@@ -41,9 +48,11 @@ class Plan:
     target: str
     input: str
     devices: str  # the devices option chosen (auto, cpu2, cuda4, ...)
-    backend: str  # as resolved
+    backend: str  # as resolved; a mixed plan joins its backends in slot order: cuda+xpu+cpu
     slots: tuple[SlotPlan, ...]
     chain: dict[str, list[dict]]  # backend -> rungs (name, source, available, reason)
+    # backend -> where its chain comes from: models.cuda (models=whisper_ladder) | task.models
+    chain_source: dict[str, str]
     batch_size: int
     chunking: str
     prefetch: int
@@ -76,16 +85,23 @@ class Plan:
             f"  journal   {self.checkpoint['policy']}: {self.checkpoint['journal']} "
             f"(max_attempts {self.checkpoint['max_attempts']})",
             f"  outputs   {self.outputs}",
+            f"  found     {'; '.join(self.discovery)}",
             "  slots:",
         ]
+        groups = len({s.group for s in self.slots}) > 1
         for s in self.slots:
             env = " ".join(f"{k}={v!r}" if v == "" else f"{k}={v}" for k, v in s.env.items())
             share = (f", {s.planned_items} items / cost {s.planned_cost:.1f}"
                      if s.planned_items is not None else "")
-            lines.append(f"    [{s.index}] {s.device:<8} threads={s.threads} model={s.model}{share}")
+            extra = (f" speed={s.speed:g}" if s.speed != 1 else "") + (
+                f" ({s.group})" if groups else "")
+            lines.append(f"    [{s.index}] {s.device:<8} threads={s.threads} model={s.model}"
+                         f"{share}{extra}")
+            lines.append(f"        chain: {' > '.join(s.chain) or 'none available'}")
             lines.append(f"        env: {env}")
         lines.append("  model chain:")
         for backend, rungs in self.chain.items():
+            lines.append(f"    {backend:<5} from {self.chain_source.get(backend, 'task.models')}")
             for r in rungs:
                 mark = "ok  " if r["available"] else "SKIP"
                 lines.append(f"    {backend:<5} {mark} {r['name']:<24} {r['reason']}")
@@ -98,11 +114,24 @@ def slot_plans(slots: Sequence[Slot], chains: dict[str, list[ModelRung]],
                load: dict[int, tuple[int, float]]) -> tuple[SlotPlan, ...]:
     out = []
     for s in slots:
-        first = next((r.name for r in chains[s.backend] if r.available), "none available")
+        walk = [r.name for r in chains[s.backend] if r.available]
         n, c = load.get(s.index, (None, None))
-        out.append(SlotPlan(s.index, s.label, s.backend, s.device_id, s.threads, dict(s.env),
-                            first, n, c))
+        out.append(SlotPlan(s.index, s.label, s.backend, s.device_id,
+                            s.group or f"devices ({s.backend})", s.threads, s.speed, dict(s.env),
+                            walk[0] if walk else "none available", walk, n, c))
     return tuple(out)
+
+
+def backends_of(slots: Sequence[Slot]) -> str:
+    """The plan's backend: ``cpu``, or a mixed plan's backends in slot order: ``cuda+xpu+cpu``."""
+    return "+".join(dict.fromkeys(s.backend for s in slots))
+
+
+def chain_sources(cfg: Any, backends: Sequence[str]) -> dict[str, str]:
+    """backend -> where its chain comes from (the models group or task.models)."""
+    group = chains_mod.group_chains(cfg.models if "models" in cfg else None)
+    name = chains_mod.group_name()
+    return {b: chains_mod.label(b, group, name) for b in backends}
 
 
 def chain_dict(chains: dict[str, list[ModelRung]]) -> dict[str, list[dict]]:
@@ -125,15 +154,17 @@ def build(ctx: "RunContext", journal: Journal,
     sort_pages = bool(getattr(ctx.task, "sort_batches_by_cost", False))
     scheduler = Scheduler(journal, cfg.chunking.strategy, len(ctx.slots), ctx.batch_size,
                           page=page_size(ctx.batch_size, sort_pages), sort_pages=sort_pages,
-                          guided_tail=cfg.chunking.guided_tail)
+                          guided_tail=cfg.chunking.guided_tail,
+                          speeds=[float(getattr(s, "speed", 1.0)) for s in ctx.slots])
     load = scheduler.plan()
     count, total_cost, longest = journal.todo_stats()
     journal.commit()
     plan = Plan(
         task=ctx.task_cfg.get("name", ctx.task.name), target=ctx.task_cfg["_target_"],
         input=str(ctx.task_cfg.get("input", "")), devices=cfg.devices.name,
-        backend=ctx.slots[0].backend, slots=slot_plans(ctx.slots, ctx.chains, load),
-        chain=chain_dict(ctx.chains), batch_size=ctx.batch_size,
+        backend=backends_of(ctx.slots), slots=slot_plans(ctx.slots, ctx.chains, load),
+        chain=chain_dict(ctx.chains), chain_source=chain_sources(cfg, list(ctx.chains)),
+        batch_size=ctx.batch_size,
         chunking=cfg.chunking.strategy, prefetch=cfg.chunking.prefetch,
         items={"count": count, "total_cost": total_cost, "longest_cost": longest,
                "failed_at_discovery": before["failed"], "already_done": before["done"],

@@ -1,13 +1,16 @@
 """The report: the run's outcome -- summary.json, the summary table, timeline.png (one lane
-per slot), the last words and the exit code (:func:`outcome`)."""
+per slot), the last words and the exit code (:func:`outcome`). Each slot's row says its
+device (``cuda:1``), backend, threads, speed and the models it used, so a mixed run reads
+per backend; the table shows threads and models, the timeline colours lanes by backend."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
+from runner.devices import Slot
 from runner.errors import ExitCode
 from runner.journal import Journal
 from runner.rundir import RunDir, atomic_path, atomic_write_json
@@ -22,8 +25,11 @@ log = logging.getLogger("runner")
 
 def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int],
               failures: list[tuple[str, str]], extra: dict[str, Any], exit_code: int,
-              status: str, notes: list[str]) -> dict[str, Any]:
+              status: str, notes: list[str], slots_planned: Sequence[Slot] = ()) -> dict[str, Any]:
+    """``slots_planned``: the run's slots, whose backend, threads and speed each row carries
+    (a mixed run has several backends)."""
     total = sum(s.items for s in stats.values()) or 0
+    planned = {s.index: s for s in slots_planned}
     slots = []
     for idx, s in sorted(stats.items()):
         rate = s.items / s.busy_s if s.busy_s > 0 else 0.0
@@ -31,6 +37,9 @@ def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int]
                "busy_s": round(s.busy_s, 3), "items_per_s": round(rate, 3),
                "share": round(s.items / total, 4) if total else 0.0, "deaths": s.deaths,
                "pids": s.pids, "models": s.models, "ladder": s.rungs}
+        if idx in planned:
+            p = planned[idx]
+            row.update(backend=p.backend, threads=p.threads, speed=p.speed, group=p.group)
         if "media_s" in s.metrics and s.metrics["media_s"] > 0:
             row["media_s"] = round(s.metrics["media_s"], 3)
             row["rtf"] = round(s.busy_s / s.metrics["media_s"], 4)
@@ -38,8 +47,8 @@ def summarize(stats: dict[int, SlotStats], wall_s: float, counts: dict[str, int]
     devices: dict[str, dict[str, Any]] = {}
     models: dict[str, int] = {}
     for row in slots:
-        d = devices.setdefault(row["device"], {"items": 0, "busy_s": 0.0, "media_s": 0.0,
-                                               "models": {}})
+        d = devices.setdefault(row["device"], {"backend": row.get("backend", row["device"].split(
+            ":")[0]), "items": 0, "busy_s": 0.0, "media_s": 0.0, "models": {}})
         d["items"] += row["items"]
         d["busy_s"] += row["busy_s"]
         d["media_s"] += row.get("media_s", 0.0)
@@ -92,13 +101,16 @@ def mixed_models_warning(models: dict[str, int], devices: dict[str, dict[str, An
 def print_table(summary: dict[str, Any]) -> str:
     """The summary as a text table (also returned, for tests and logs)."""
     has_rtf = any("rtf" in r for r in summary["slots"])
-    head = f"{'slot':<5}{'device':<9}{'items':>7}{'failed':>7}{'busy s':>9}{'items/s':>9}{'share':>7}"
+    head = (f"{'slot':<5}{'device':<9}{'thr':>4}{'items':>7}{'failed':>7}{'busy s':>9}"
+            f"{'items/s':>9}{'share':>7}")
     head += f"{'RTF':>8}" if has_rtf else ""
-    lines = [head]
+    lines = [head + "  model"]
     for r in summary["slots"]:
-        line = (f"{r['slot']:<5}{r['device']:<9}{r['items']:>7}{r['failed']:>7}"
-                f"{r['busy_s']:>9.1f}{r['items_per_s']:>9.1f}{r['share'] * 100:>6.0f}%")
+        line = (f"{r['slot']:<5}{r['device']:<9}{r.get('threads', ''):>4}{r['items']:>7}"
+                f"{r['failed']:>7}{r['busy_s']:>9.1f}{r['items_per_s']:>9.1f}"
+                f"{r['share'] * 100:>6.0f}%")
         line += f"{r.get('rtf', float('nan')):>8.3f}" if has_rtf else ""
+        line += "  " + ", ".join(r["models"]) if r["models"] else ""
         lines.append(line)
     sp = summary["speedup_over_slowest_device"]
     lines.append(f"wall {summary['wall_s']:.1f}s, {summary['items_done']} done, "
@@ -112,8 +124,14 @@ def print_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: float) -> None:
-    """timeline.png: one lane per slot, one bar per processed chunk (red: failed)."""
+#: bar colour per backend in timeline.png (a mixed run shows which lane is which kind)
+COLOURS = {"cuda": "tab:green", "xpu": "tab:blue", "cpu": "tab:gray"}
+
+
+def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: float,
+             threads: dict[int, int] | None = None) -> None:
+    """timeline.png: one lane per slot, labelled with its device (``cuda:1``: the backend
+    first) and threads, one bar per processed chunk coloured by backend (red: failed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,12 +143,22 @@ def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: fl
         if slot in bars:
             (failed if status == "failed" else bars)[slot].add((start - since, max(end - start, 1e-3)))
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(labels) + 1.2))
+    kinds = {i: labels[i].split(":")[0] for i in labels}
     for lane, idx in enumerate(sorted(labels)):
-        ax.broken_barh(sorted(bars[idx]), (lane - 0.4, 0.8), facecolors="tab:blue",
-                       edgecolor="white", linewidth=0.3)
+        ax.broken_barh(sorted(bars[idx]), (lane - 0.4, 0.8),
+                       facecolors=COLOURS.get(kinds[idx], "tab:blue"), edgecolor="white",
+                       linewidth=0.3)
         if failed[idx]:
             ax.broken_barh(sorted(failed[idx]), (lane - 0.4, 0.8), facecolors="tab:red")
-    ax.set_yticks(range(len(labels)), [f"[{i}] {labels[i]}" for i in sorted(labels)])
+    thr = threads or {}
+    ax.set_yticks(range(len(labels)), [f"[{i}] {labels[i]}" + (f" ({thr[i]} thr)" if i in thr
+                                                                 else "") for i in sorted(labels)])
+    if len(set(kinds.values())) > 1:  # a mixed run: say which colour is which backend
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=COLOURS.get(k, "tab:blue"), label=k)
+                           for k in dict.fromkeys(kinds[i] for i in sorted(kinds))],
+                  loc="upper right", fontsize="small")
     ax.set_xlabel("seconds since start")
     ax.set_title("runner timeline: one lane per worker slot")
     fig.tight_layout()
@@ -166,13 +194,14 @@ def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, stop: EarlyStop
     else:
         code, status = ExitCode.OK, "all done"
     # The controller's own CPU time: on a CPU-only box it is taken from the workers' cores.
-    extra = {"task": extra, "controller_cpu_s": round(time.process_time(), 3)}
+    extra = {"task": extra, "controller_cpu_s": round(time.process_time(), 3),
+             "speculation": dict(ledger.copies)}  # tail copies made, and won by the copy
     summary = summarize(ledger.stats, wall, counts, journal.failures(), extra, int(code),
-                        status, ledger.notes)
+                        status, ledger.notes, ctx.slots)
     write(summary, rundir)
     labels = {s.index: s.label for s in ctx.slots}
     try:
-        timeline(journal, rundir, labels, t0 - 1)
+        timeline(journal, rundir, labels, t0 - 1, {s.index: s.threads for s in ctx.slots})
     except Exception as exc:  # a plot must never cost the run its exit code
         log.warning("%s not written: %s", rundir.timeline.name, exc)
     print(print_table(summary))

@@ -12,6 +12,7 @@ user's programs make would have (0666 & ~umask; folders 0777 & ~umask), not mkst
       timeline.png                 RunDir.timeline
       journal.sqlite               RunDir.journal
       .runner.lock                 RunDir.lock: held by the run's controller (runner.runlock)
+      .claims/<race>               RunDir.claim(race): which copy of a speculated batch wrote
       versions.json                RunDir.versions
       logs/worker-<slot>.log       RunDir.worker_log(slot)
       logs/errors/<name>.json      RunDir.error_file(name): the item's journal name
@@ -206,6 +207,29 @@ class RunDir:
 
     def worker_log(self, slot: int) -> Path:
         return self.logs / f"worker-{slot}.log"
+
+    @property
+    def claims(self) -> Path:
+        """``.claims/<race>``: made (O_EXCL) by the first call of a race to write its outputs
+        (speculation: a copy and its original); cleared by the controller before its
+        workers start and after they stop."""
+        return self.root / ".claims"
+
+    def claim(self, race: int) -> bool:
+        """Claim race ``race`` for this process: True for the first caller only (one mkdir:
+        atomic, and cheap enough for every call)."""
+        path = f"{self.root}/.claims/{race}"
+        try:
+            os.mkdir(path)
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:  # the first claim of the run makes .claims/
+            self.claims.mkdir(exist_ok=True)
+            return self.claim(race)
+
+    def claimed(self, race: int) -> bool:
+        return os.path.exists(f"{self.root}/.claims/{race}")
 
     def running_marker(self, slot: int) -> Path:
         """Ray actors only: ``<incarnation> <batch_no>`` of the call the slot's actor is running

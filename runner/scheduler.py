@@ -7,8 +7,10 @@ scripted fakes (tests/test_scheduler.py) and shared by every executor.
 Strategies (``chunking.strategy``):
 
 * ``dynamic``       one shared queue in discovery order; an idle worker takes the next batch.
-* ``size_balanced`` longest first onto the least-loaded slot by the task's cost estimate
-                    (LPT); each slot then works through its own list.
+* ``size_balanced`` longest first onto the slot that would finish it first by the task's
+                    cost estimate over the slot's declared speed (LPT on uniform
+                    machines; ``devices.slots[].speed``); each slot then works through
+                    its own list.
 * ``contiguous``    ceil-div slices of the list, one per slot, in order.
 * ``round_robin``   item i goes to slot i mod n.
 
@@ -52,8 +54,10 @@ class _Cursor:
     exhausted: bool = False
 
 
-def assign(strategy: str, n_slots: int, items: list[tuple[str, float]]) -> list[tuple[int | None, str]]:
-    """(planned slot, id) per item. ``items`` is (id, cost), longest first for size_balanced."""
+def assign(strategy: str, n_slots: int, items: list[tuple[str, float]],
+           speeds: list[float] | None = None) -> list[tuple[int | None, str]]:
+    """(planned slot, id) per item. ``items`` is (id, cost), longest first for size_balanced;
+    ``speeds``: each slot's relative speed (size_balanced; None = all equal)."""
     if strategy == "dynamic":
         return [(SHARED, item_id) for item_id, _ in items]
     if strategy == "round_robin":
@@ -62,12 +66,21 @@ def assign(strategy: str, n_slots: int, items: list[tuple[str, float]]) -> list[
         per = math.ceil(len(items) / n_slots) if items else 1
         return [(i // per, item_id) for i, (item_id, _) in enumerate(items)]
     if strategy == "size_balanced":
-        heap = [(0.0, s) for s in range(n_slots)]
+        speed = speeds or [1.0] * n_slots
+        if len(set(speed)) == 1:  # equal slots: the least-loaded one, in a heap
+            heap = [(0.0, s) for s in range(n_slots)]
+            out = []
+            for item_id, cost in items:
+                load, slot = heapq.heappop(heap)
+                out.append((slot, item_id))
+                heapq.heappush(heap, (load + max(cost, 0.0), slot))
+            return out
+        busy = [0.0] * n_slots  # seconds of work planned per slot
         out = []
         for item_id, cost in items:
-            load, slot = heapq.heappop(heap)
+            slot = min(range(n_slots), key=lambda s: (busy[s] + max(cost, 0.0) / speed[s], s))
+            busy[slot] += max(cost, 0.0) / speed[slot]
             out.append((slot, item_id))
-            heapq.heappush(heap, (load + max(cost, 0.0), slot))
         return out
     raise ValueError(f"unknown chunking strategy {strategy!r}")
 
@@ -76,8 +89,10 @@ class Scheduler:
     """What each slot gets next."""
 
     def __init__(self, journal: Journal, strategy: str, n_slots: int, batch_size: int,
-                 page: int = 1000, sort_pages: bool = False, guided_tail: bool = False):
+                 page: int = 1000, sort_pages: bool = False, guided_tail: bool = False,
+                 speeds: list[float] | None = None):
         self.journal = journal
+        self.speeds = speeds  # each slot's declared relative speed (size_balanced)
         self.strategy = strategy
         self.n_slots = n_slots
         self.batch_size = batch_size
@@ -110,7 +125,7 @@ class Scheduler:
             return {}
         longest = self.strategy == "size_balanced"
         rows = list(self.journal.todo_costs(longest_first=longest))
-        pairs = assign(self.strategy, self.n_slots, rows)
+        pairs = assign(self.strategy, self.n_slots, rows, self.speeds)
         self.journal.set_planned_slots(pairs)
         load: dict[int, tuple[int, float]] = {s: (0, 0.0) for s in range(self.n_slots)}
         cost = dict(rows)

@@ -13,8 +13,12 @@ Life of a worker::
                               -- Call -> run the batch through the ladder -> results
 
 The OOM ladder lives here, per worker: out of memory halves the batch size and retries
-the same items; at batch size 1 it loads the next model of the chain; it never steps back
-up. Out of memory while loading a model goes straight to the next one. When the last model
+the same items; at batch size 1 it loads the next model of the chain, which starts again
+from the configured batch size (a smaller model usually fits a bigger batch); a model's
+batch never steps back up. With ``batch_size=auto`` on an accelerator (``spec.probe``) each
+model first grows its batch from ``batch_probe.floor`` by doubling on the real items it is
+given, up to ``batch_probe.max``; the first out of memory settles it at the last size that
+worked. Out of memory while loading a model goes straight to the next one. When the last model
 runs out of memory at batch size 1 the slot is exhausted: that one item fails here (the
 ledger may retry it on another device), the rest of the worker's items go back to the
 queue, and the worker exits. A batch that fails for another reason is retried item by
@@ -38,8 +42,10 @@ from typing import Any
 from runner.devices import MASK_VARIABLE
 from runner.errors import describe, storage_problem
 from runner.messages import (BatchDone, Call, ChunkDone, ItemDone, ItemFailed, Ready, RungChanged,
-                             SlotExhausted, StartFailed, Stop, WorkerSpec, WriteRefused)
+                             RaceLost, SlotExhausted, StartFailed, Stop, WorkerSpec,
+                             WriteRefused)
 from runner.oom import free_memory, is_oom
+from runner.rundir import RunDir
 from runner.tasks.base import BadInput, Item, WriteContext, instantiate_task
 
 
@@ -66,18 +72,44 @@ def _logger(spec: WorkerSpec) -> logging.Logger:
 
 
 class _Ladder:
-    """The worker's position on the OOM ladder: which model, which batch size."""
+    """The worker's position on the OOM ladder: which model, which batch size.
 
-    def __init__(self, spec: WorkerSpec, task: Any, log: logging.Logger, conn: Connection):
+    Each model starts at ``spec.batch_size`` (the configured size, or the probe's floor):
+    after a step-down the next model starts there again and halves as it needs, since a
+    smaller model usually fits a bigger batch. With ``spec.probe`` (batch_size=auto on an
+    accelerator) each model's batch grows by doubling on real items: a full chunk that went
+    through at the current size (written as any other) makes the next chunk twice as big,
+    up to the probe's max; the first out of memory settles the batch at the last size that
+    worked and the same items run again at it. The settled size is announced (RungChanged)
+    once per model. An out of memory before anything fitted is the plain ladder's.
+    """
+
+    # the bench's switch (bench/bench_ladder.py): False is the old rule, where the next
+    # model kept the batch size the previous one had shrunk to (1)
+    _restart_from_top = True
+
+    def __init__(self, spec: WorkerSpec, task: Any, log: logging.Logger, conn: Any):
         self.spec, self.task, self.log, self.conn = spec, task, log, conn
         self.rungs = [r for r in spec.rungs if r.available]
         self.index = -1
         self.batch_size = spec.batch_size
+        self.probing = False  # growing: the batch has met neither out of memory nor the max
+        self.fits: int | None = None  # the largest batch seen to go through while probing
         self.model: Any = None
 
     @property
     def name(self) -> str:
         return self.rungs[self.index].name
+
+    def _from_top(self) -> None:
+        """A model starts at the configured size, or probes again from the floor."""
+        if self.index > 0 and not self._restart_from_top:
+            return
+        self.batch_size = self.spec.batch_size
+        self.probing, self.fits = self.spec.probe is not None, None
+        if self.spec.probe is not None:
+            self.log.info("batch probe with %s: from %d, doubling up to %d", self.name,
+                          self.batch_size, self.spec.probe[1])
 
     def load_next(self, reason: str) -> bool:
         """Load the next available model; False when the chain is exhausted."""
@@ -96,6 +128,7 @@ class _Ladder:
                 skipped.append(rung.name)
                 free_memory(self.spec.slot.torch_device)
                 continue
+            self._from_top()
             if skipped:  # the ladder moved at load time too: say so (summary, journal)
                 reason = "; ".join(filter(None, [reason, f"out of memory loading "
                                                          f"{', '.join(skipped)}: next model"]))
@@ -103,6 +136,35 @@ class _Ladder:
                 self.conn.send(RungChanged(self.spec.slot.index, rung.name, self.batch_size, reason))
             return True
         return False
+
+    def _settle(self, reason: str) -> None:
+        """The probe is over: say where it settled (summary.json's ladder, the worker log)."""
+        self.probing = False
+        self.log.info("%s with %s", reason, self.name)
+        self.conn.send(RungChanged(self.spec.slot.index, self.name, self.batch_size, reason))
+
+    def went_through(self, size: int) -> None:
+        """A chunk of ``size`` items went through: while probing, and when it was a whole
+        chunk at the current batch size, the next chunk is twice as big (up to the max)."""
+        if not self.probing or size != self.batch_size:
+            return  # a short chunk (the end of a call) proves nothing about the batch size
+        self.fits = size
+        top = self.spec.probe[1]
+        if size >= top:
+            self._settle(f"batch probe: {size} fits (batch_probe.max)")
+            return
+        self.batch_size = min(2 * size, top)
+        self.log.info("batch probe: %d fits with %s; trying %d", size, self.name, self.batch_size)
+
+    def out_of_memory(self, tried: int) -> bool:
+        """A chunk of ``tried`` items ran out of memory. True: run the same items again at
+        the (smaller) batch size now set; False: already at 1, the next model's turn."""
+        if self.probing and self.fits is not None and self.fits < tried:
+            self.batch_size = self.fits  # back to the last size that worked
+            self._settle(f"batch probe: {self.fits} fits ({tried} ran out of memory)")
+            return True
+        self.probing = False  # at the floor, or at a size that fitted: the plain ladder
+        return self.shrink()
 
     def shrink(self) -> bool:
         if self.batch_size <= 1:
@@ -115,12 +177,21 @@ class _Ladder:
 
 def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
              conn: Any) -> bool:
-    """Process one dispatched batch. Returns False when the slot is exhausted."""
+    """Process one dispatched batch. Returns False when the slot is exhausted.
+
+    Race (speculation): the call's first write claims its race (RunDir.claim); a call whose
+    race another call claimed first -- before it starts or before its first write -- writes
+    nothing and sends RaceLost, so the outputs of an item are only ever one call's."""
     task, slot = ladder.task, spec.slot
     items = list(call.items)
+    rundir, claimed = RunDir(Path(spec.run_dir)), False
+    if rundir.claimed(call.race_id):  # the other copy of this batch is done already
+        conn.send(RaceLost(slot.index, call.batch_no, tuple(it.id for it in items)))
+        return True
     i, single_until = 0, 0
     while i < len(items):
-        size = 1 if i < single_until else ladder.batch_size
+        single = i < single_until  # after a batch failed: its items one by one
+        size = 1 if single else ladder.batch_size
         chunk: list[Item] = items[i:i + size]
         started = time.time()
         try:
@@ -129,6 +200,13 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
                 raise RuntimeError(f"task returned {len(results)} results for {len(chunk)} items")
             ctx = WriteContext(Path(spec.run_dir), call.batch_no, slot.index, slot.label,
                                ladder.name, len(chunk), i, len(chunk) == len(items))
+            if not claimed:
+                claimed = rundir.claim(call.race_id)
+                if not claimed:  # the other copy claimed it first: its outputs stand
+                    log.info("batch %d: its race %d went to another copy; nothing written",
+                             call.batch_no, call.race_id)
+                    conn.send(RaceLost(slot.index, call.batch_no, tuple(it.id for it in items)))
+                    return True
             try:
                 outputs = task.write(chunk, results, ctx)
             except Exception as exc:
@@ -145,7 +223,7 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
                 log.warning("out of memory on batch of %d with %s: %s", len(chunk), ladder.name,
                             describe(exc))
                 free_memory(slot.torch_device)
-                if ladder.shrink():
+                if ladder.out_of_memory(len(chunk)):
                     continue
                 if ladder.load_next("out of memory at batch size 1: next model"):
                     continue
@@ -171,6 +249,8 @@ def run_call(call: Call, ladder: _Ladder, spec: WorkerSpec, log: logging.Logger,
             i += 1
             continue
         finished = time.time()
+        if not single:
+            ladder.went_through(len(chunk))
         i += len(chunk)
         last = i >= len(items)
         conn.send(ChunkDone(slot.index, call.batch_no, tuple(

@@ -20,6 +20,8 @@ Items ``item-000000`` .. sleep ``ms`` each (payload) and write one JSON file per
   file ``<run dir>/fault-markers/<id>.<where>`` created with O_EXCL before the fault).
 
 ``slow``: ``;``-separated ``<index>:<ms>``: those items sleep that long instead of ``ms``.
+``slow_slots``: ``;``-separated ``<slot>:<factor>``: that slot's worker sleeps factor x as
+long (an uneven machine; tests/test_speculation.py).
 
 ``load_fault``: ``<kind>:<n>`` — the first ``n`` model loads of the run (counted with
 markers in the run dir, across every slot and restart) do ``kind``; ``<kind>:always`` —
@@ -108,8 +110,10 @@ class FaultyTask(Task):
     output_dir = "faulty"
 
     def __init__(self, count: int = 20, ms: float = 5.0, faults: str = "", load_fault: str = "",
-                 models: Any = ("m1",), slow: str = "", **_: Any):
+                 models: Any = ("m1",), slow: str = "", slow_slots: str = "", **_: Any):
         self.count, self.ms = int(count), float(ms)
+        factors = dict(e.split(":") for e in str(slow_slots).split(";") if e)
+        self.factor = float(factors.get(os.environ.get("RUNNER_SLOT", ""), 1.0))
         self.slow = {int(i): float(v) for i, v in (e.split(":") for e in str(slow).split(";") if e)}
         self.faults = parse_faults(faults)
         self.load_fault = load_fault or ""
@@ -170,7 +174,7 @@ class FaultyTask(Task):
         out = []
         for it in items:
             self._mark_started(it)
-            time.sleep(float(it.payload))
+            time.sleep(float(it.payload) * self.factor)
             self._maybe_fault(it, "process")
             out.append(float(it.payload))
         return out

@@ -10,6 +10,9 @@ runner in every worker's environment), so a run has a small-memory device and a 
 * ``oom_models``      processing a batch with one of these models runs out of memory at any
                       batch size (a model too large for the card);
 * ``oom_batch_over``  a batch larger than this runs out of memory, whatever the model;
+* ``slot_batch_over`` one limit per slot, by ``RUNNER_SLOT``: on slot i a batch larger than
+                      entry i runs out of memory, whatever the model and ``oom_slots`` (cards
+                      with different memory: what ``batch_size=auto`` probes for);
 * ``load_oom_models`` loading one of these models runs out of memory;
 * ``oom_kind``        what the error looks like: ``torch`` (a real ``torch.OutOfMemoryError``,
                       as CUDA and XPU raise it), ``ctranslate2`` (``RuntimeError: CUDA failed
@@ -59,7 +62,8 @@ class OOMTask(Task):
                  oom_slots: list[int] | None = None, oom_models: list[str] | None = None,
                  oom_batch_over: int | None = None, load_oom_models: list[str] | None = None,
                  oom_kind: str = "torch", fail_items: list[str] | None = None,
-                 default_batch_size: int = 8, **_: Any):
+                 default_batch_size: int = 8, slot_batch_over: list[int] | None = None,
+                 **_: Any):
         self.count = count
         self.models = list(models or ["big", "medium", "small"])
         self.oom_slots = None if oom_slots is None else {int(s) for s in oom_slots}
@@ -69,6 +73,7 @@ class OOMTask(Task):
         self.oom_kind = oom_kind
         self.fail_items = set(fail_items or ())
         self.default_batch_size = default_batch_size
+        self.slot_batch_over = [int(n) for n in slot_batch_over or ()]
 
     # ---- controller ----------------------------------------------------------------------
     def discover(self) -> Iterator[Item]:
@@ -83,6 +88,10 @@ class OOMTask(Task):
         slot = int(os.environ.get("RUNNER_SLOT", "-1"))
         return self.oom_slots is None or slot in self.oom_slots
 
+    def _slot_limit(self) -> int | None:
+        slot = int(os.environ.get("RUNNER_SLOT", "-1"))
+        return self.slot_batch_over[slot] if 0 <= slot < len(self.slot_batch_over) else None
+
     def load_model(self, rung: ModelRung, device: str) -> Any:
         if self._small_memory() and rung.name in self.load_oom_models:
             raise make_oom(self.oom_kind, f"loading {rung.name}")
@@ -94,6 +103,9 @@ class OOMTask(Task):
                 raise make_oom(self.oom_kind, f"{model['name']} does not fit")
             if self.oom_batch_over is not None and len(items) > self.oom_batch_over:
                 raise make_oom(self.oom_kind, f"batch of {len(items)}")
+        limit = self._slot_limit()
+        if limit is not None and len(items) > limit:
+            raise make_oom(self.oom_kind, f"batch of {len(items)} over this card's {limit}")
         for it in items:
             if it.id in self.fail_items:
                 raise RuntimeError(f"shape mismatch in layer 3 for {it.id} (an item error)")

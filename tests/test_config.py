@@ -77,8 +77,8 @@ def test_groups_and_top_level_keys_compose_together():
 def test_schema_rejects_unknown_key_and_wrong_type():
     with pytest.raises(Exception, match="devices.colour|colour"):
         composed("devices=cpu", "devices.colour=red")
-    with pytest.raises(Exception, match="batch_size"):
-        composed("batch_size=lots")
+    with pytest.raises(Exception, match="batch_size='lots' is not allowed"):
+        config.validate(composed("batch_size=lots"))  # (an int, auto or null: checked here)
 
 
 def test_rewrite_argv_moves_resume_under_resume_run():
@@ -104,7 +104,7 @@ BAD = [
     ("checkpoint.max_attempts=0", "checkpoint.max_attempts", "0", "an integer in 1..100"),
     ("executor.kind=slurm", "executor.kind", "'slurm'", "local, ray"),
     ("executor.max_restarts=-1", "executor.max_restarts", "-1", "an integer in 0..1000"),
-    ("batch_size=0", "batch_size", "0", "an integer >= 1, or null"),
+    ("batch_size=0", "batch_size", "0", "an integer in 1..1048576, auto"),
     ("limit=-5", "limit", "-5", "an integer >= 0, or null"),
     ("progress=fancy", "progress", "'fancy'", "auto, rich, plain, off"),
 ]
@@ -155,7 +155,7 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     cfg = yaml.safe_load(r.stdout)
     assert cfg["devices"] == {"name": "cuda4", "backend": "cuda", "count": 4, "ids": None,
                               "workers_per_device": 1, "threads_per_worker": None,
-                              "force": False}
+                              "force": False, "slots": None, "cpu_workers": 0, "speed": 1.0}
     assert cfg["chunking"]["strategy"] == "size_balanced"
     assert cfg["task"]["_target_"] == "runner.tasks.embed.EmbedTask"
     assert cfg["task"]["models"] == ["all-MiniLM-L6-v2"]
@@ -169,7 +169,7 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("override,key,value,allowed", [
     ("chunking.strategy=striped", "chunking.strategy", "'striped'", "round_robin"),
-    ("batch_size=0", "batch_size", "0", "integer >= 1"),
+    ("batch_size=0", "batch_size", "0", "integer in 1..1048576, auto"),
     ("devices.backend=tpu", "devices.backend", "'tpu'", "auto, cpu, cuda, xpu"),
     # raised by the task's constructor, through Hydra's instantiate: still one line
     ("task.cost=bytes", "task.cost", "'bytes'", "tokens, chars"),

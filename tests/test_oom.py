@@ -1,6 +1,7 @@
 """Layer: processes (spawned workers); the is_oom table at the top is unit.
 
-The OOM ladder (issue 5): smaller batch, then the next model, recorded per item.
+The OOM ladder (issue 5): smaller batch, then the next model -- from the configured batch
+size again (issue 17) -- recorded per item.
 
 Unit part: ``runner.oom.is_oom`` over a table of real-world messages, OOM and not.
 
@@ -90,12 +91,13 @@ def test_test_task_raises_what_the_backends_raise():
 class Run:
     """One CLI run of the OOM task, and what it left behind."""
 
-    def __init__(self, tmp_path: Path, count: int, *overrides: str):
+    def __init__(self, tmp_path: Path, count: int, *overrides: str, devices: str = "cpu2",
+                 env: dict[str, str] | None = None):
         self.count = count
         self.proc = run_cli(
             ["task=sleep", "task._target_=tests.oom_task.OOMTask", f"task.count={count}",
-             "devices=cpu2", "chunking=contiguous", f"outputs={tmp_path}", "progress=off",
-             *overrides], timeout=150)
+             f"devices={devices}", "chunking=contiguous", f"outputs={tmp_path}", "progress=off",
+             *overrides], timeout=150, **({"env": env} if env is not None else {}))
         (self.dir,) = (tmp_path / "sleep").iterdir()
         assert (self.dir / "summary.json").exists(), self.proc.stderr[-3000:]
         self.summary = read_summary(self.dir)
@@ -149,14 +151,14 @@ def test_torch_oom_halves_then_next_model_other_device_stays(tmp_path):
     # the plan shows each device's starting rung
     assert [s["model"] for s in run.plan["slots"]] == ["big", "big"]
     assert [r["name"] for r in run.plan["chain"]["cpu"]] == ["big", "medium", "small"]
-    # slot 0: 8 -> 4 -> 2 -> 1 on big, then medium at 1; never back up
+    # slot 0: 8 -> 4 -> 2 -> 1 on big, then medium from the top again: 8 (issue 17)
     assert run.ladder(0) == [["big", 4, HALVED], ["big", 2, HALVED], ["big", 1, HALVED],
-                             ["medium", 1, NEXT]]
+                             ["medium", 8, NEXT]]
     assert run.ladder(1) == []  # the card with more memory stays on the larger model
     for i in range(32):
         r = run.rows[f"item-{i:03d}"]
         if i < 16:
-            assert (r["device"], r["model"], r["batch_size"]) == ("cpu:0", "medium", 1)
+            assert (r["device"], r["model"], r["batch_size"]) == ("cpu:0", "medium", 8)
         else:
             assert (r["device"], r["model"], r["batch_size"]) == ("cpu:1", "big", 8)
     assert run.summary["devices"]["cpu:0"]["models"] == {"medium": 16}
@@ -208,7 +210,7 @@ def test_mps_oom_and_oom_while_loading_goes_to_the_next_model(tmp_path):
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     run.check_invariants()
     assert run.ladder(0) == [["medium", 4, "out of memory loading big: next model"],
-                             ["medium", 2, HALVED], ["medium", 1, HALVED], ["small", 1, NEXT]]
+                             ["medium", 2, HALVED], ["medium", 1, HALVED], ["small", 4, NEXT]]
     assert run.ladder(1) == []
     assert run.summary["slots"][0]["models"] == {"small": 8}
     assert run.summary["slots"][1]["models"] == {"big": 8}
@@ -223,7 +225,9 @@ def test_exhausted_chain_fails_only_that_item_and_the_other_device_goes_on(tmp_p
               "checkpoint.max_attempts=1")
     assert run.proc.returncode == 3, run.proc.stderr[-3000:]
     run.check_invariants()
-    assert run.ladder(0) == [["big", 2, HALVED], ["big", 1, HALVED], ["small", 1, NEXT]]
+    # small starts from the configured 4 again and halves down to 1 before giving up
+    assert run.ladder(0) == [["big", 2, HALVED], ["big", 1, HALVED], ["small", 4, NEXT],
+                             ["small", 2, HALVED], ["small", 1, HALVED]]
     failed = {i for i, r in run.rows.items() if r["status"] == "failed"}
     assert failed == {"item-000"}  # only the item that met the end of the chain
     r = run.rows["item-000"]

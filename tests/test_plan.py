@@ -1,6 +1,7 @@
 """Layer: cli (dry runs of the real CLI as subprocesses).
 
-The plan, through the real CLI, for every devices group (issue 2; starting rungs: issue 5).
+The plan, through the real CLI, for every devices group (issue 2; starting rungs: issue 5;
+each slot's group, speed and chain: issue 17 -- mixed plans are in tests/test_mixed.py).
 
 Every run goes through ``runner.app.main`` in a subprocess wrapped so that, at exit, it
 prints which heavy modules the process had imported: a dry run must import none (no torch,
@@ -73,13 +74,14 @@ def corpus_costs(n: int) -> list[float]:
 
 
 def expected_slots(option: str) -> tuple[str, int]:
-    if option == "auto":  # all CUDA, else CPU (a dry run does not run the XPU probe)
+    if option in ("auto", "all"):  # all CUDA, else CPU (a dry run does not run the XPU probe;
+        # devices=all with devices.cpu_workers=0 adds no CPU slot beside cards)
         return ("cuda", len(FOUND.cuda)) if FOUND.cuda else ("cpu", 1)
     return GROUPS[option]
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("option", ["auto", *GROUPS])
+@pytest.mark.parametrize("option", ["auto", "all", *GROUPS])
 def test_dry_run_plan_for_every_devices_group(tmp_path, option):
     r = runner(tmp_path, "task=embed", f"devices={option}", "limit=20", "dry_run=true")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -99,9 +101,11 @@ def test_dry_run_plan_for_every_devices_group(tmp_path, option):
     (chain,) = plan["chain"][backend]
     assert chain["name"] == MODEL and chain["available"] is True
     assert chain["reason"] == "bundled offline package"
+    assert plan["chain_source"] == {backend: "task.models"}  # no models group
     cores = devices_mod._cpu_cores()
     for i, s in enumerate(plan["slots"]):
         assert s["index"] == i and s["backend"] == backend and s["model"] == MODEL
+        assert s["chain"] == [MODEL] and s["speed"] == 1.0 and s["group"] == f"devices={option}"
         env = s["env"]
         assert env["RUNNER_SLOT"] == str(i)
         assert env["OMP_NUM_THREADS"] == str(s["threads"])

@@ -199,7 +199,15 @@ class Task(ABC):
 
     @abstractmethod
     def model_chain(self, backend: str) -> list[ModelRung]:
-        """The fallback chain from task.models, each resolved for a device backend."""
+        """The fallback chain from task.models, each resolved for a device backend. (A
+        models group's chain for a backend is resolved by a task built with ``models`` set
+        to it: runner/chains.py.)"""
+
+    def model_problem(self, name: str, backend: str) -> str:
+        """Why ``name`` is no model this task can load on ``backend`` at all, or "" (whether
+        its files are on this machine is ``model_chain``'s business). A models group naming
+        such a model is refused with this reason; the default refuses nothing."""
+        return ""
 
     def worker_env(self) -> dict[str, str]:
         """Extra environment for every worker (set before the worker starts)."""

@@ -7,10 +7,13 @@ Plugged in through ``_target_`` exactly as a user's own task would be::
 
 Items: ``count`` items with costs from ``dist`` (fixed: ``ms`` each; lognormal: median
 ``ms``, sigma ``sigma``), drawn with ``seed``. Output: one small JSON file per item.
+``slow_slots``: ``"<slot>:<factor>;..."`` -- the worker of that slot sleeps ``factor`` times
+as long (an uneven machine: one device 4x slower is ``"3:4"``), read from ``RUNNER_SLOT``.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from typing import Any, Iterator, Sequence
@@ -25,10 +28,12 @@ class SleepTask(Task):
     output_dir = "sleeps"
 
     def __init__(self, count: int = 100, ms: float = 10.0, dist: str = "fixed", sigma: float = 1.0,
-                 seed: int = 0, write_outputs: bool = True, **_: Any):
+                 seed: int = 0, write_outputs: bool = True, slow_slots: str = "", **_: Any):
         self.count, self.ms, self.dist, self.sigma, self.seed = count, ms, dist, sigma, seed
         self.write_outputs = write_outputs
         self.default_batch_size = 1
+        factors = dict(part.split(":") for part in str(slow_slots).split(";") if part.strip())
+        self.factor = float(factors.get(os.environ.get("RUNNER_SLOT", ""), 1.0))
 
     def discover(self) -> Iterator[Item]:
         rng = random.Random(self.seed)
@@ -46,7 +51,7 @@ class SleepTask(Task):
 
     def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
         for it in items:
-            time.sleep(float(it.payload))
+            time.sleep(float(it.payload) * self.factor)
         return [float(it.payload) for it in items]
 
     def write(self, items: Sequence[Item], results: Sequence[Any], ctx: WriteContext) -> list[str]:

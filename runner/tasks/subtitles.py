@@ -47,6 +47,9 @@ COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16"
                  "float16", "bfloat16", "float32", "default")
 _AUDIO_VIDEO = "wav,mp3,m4a,aac,flac,ogg,oga,opus,wma,aiff,aif,mp4,m4v,mkv,mov,webm,avi,mpg,mpeg,ts"
 _LANGUAGE = re.compile(r"^(auto|[a-z]{2,3}|haw|yue)$")
+#: the names openai-whisper's load_model knows (whisper.available_models())
+OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+                "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
 
 
 @dataclass
@@ -281,6 +284,19 @@ class SubtitlesTask(Task):
             return [ModelRung(n, n, False, "faster-whisper cannot run on xpu")
                     for n in self.config.models]
         return [wh.resolve(n, be, self.config.language) for n in self.config.models]
+
+    def model_problem(self, name: str, backend: str) -> str:
+        be = wh.choose_backend(self.config.backend, backend)
+        if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")) \
+                or name.endswith(".pt"):
+            return ""  # a local path: model_chain says whether it is a model
+        if be == wh.FASTER and (name in wh._FW_REPOS or "/" in name):
+            return ""
+        if be == wh.OPENAI and name in OPENAI_NAMES:
+            return ""
+        known = ("tiny, base, small, medium (each also .en), large-v1..v3, turbo, distil-*, a "
+                 "Hugging Face repo id" if be == wh.FASTER else ", ".join(OPENAI_NAMES))
+        return f"{be} (used on {backend}) has no model of that name ({known}, or a local path)"
 
     def worker_env(self) -> dict[str, str]:
         # every rung resolves to local files: keep the HF hub from ever reaching out
