@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runner import config as config_mod
-from runner import intake, provenance, resume as resume_mod
+from runner import intake, provenance, resume as resume_mod, reuse as reuse_mod
 from runner.context import RunContext, prepare
 from runner.errors import ConfigError, ExitCode, StorageError, storage_problem
 from runner.journal import Journal
@@ -35,6 +35,7 @@ from runner.processes import StopSignal, stop_signals_raise
 from runner.report import EarlyStop, outcome
 from runner.rundir import atomic_write_json, remove_stale_temps
 from runner.scheduler import Scheduler
+from runner.watch import Watcher
 from runner.ledger import Ledger
 
 log = logging.getLogger("runner")
@@ -125,9 +126,12 @@ def _run_in(ctx: RunContext, cfg: DictConfig) -> int:
             early = _executor(ctx)
             early.start(list(ctx.slots))
         found = _discover(ctx, journal)
+        reused = _reuse(ctx, journal) if cfg.reuse.run and not ctx.resume else None
         scheduler, load, plan = build_plan(ctx, journal, found.as_dict())
         if cfg.dry_run:
             print(plan.render())
+            if reused is not None:
+                print(reused.line().replace("reused", "would be reused", 1))
             return ExitCode.OK
         provenance.record_start(ctx)
         count = plan.items["count"]
@@ -182,6 +186,18 @@ def _discover(ctx: RunContext, journal: Journal) -> intake.Intake:
     return found
 
 
+def _reuse(ctx: RunContext, journal: Journal) -> "reuse_mod.ReuseReport":
+    """reuse=: items an earlier run already made are done here too, their files linked."""
+    source = reuse_mod.find_source(ctx.cfg.outputs, ctx.task.name, str(ctx.cfg.reuse.run),
+                                   ctx.rundir.root)
+    first = {next((r.name for r in chain if r.available), "") for chain in ctx.chains.values()}
+    report = reuse_mod.apply(journal, ctx.rundir, source, ctx.task, ctx.task_cfg, first,
+                             ctx.cfg.reuse.accept_fallback, link=not ctx.cfg.dry_run)
+    log.info(report.line())
+    journal.set_meta("reuse", report.as_dict())
+    return report
+
+
 def _executor(ctx: RunContext):
     e = ctx.cfg.executor
     args = (ctx.spec, e.max_restarts, e.grace_s, e.stop_timeout_s, e.start_timeout_s,
@@ -214,7 +230,11 @@ def _execute(ctx: RunContext, journal: Journal, scheduler: Scheduler, load: dict
     try:
         # A resume with nothing left to do starts no worker (and loads no model); a new run
         # with an empty input stops the workers it started early (_run's finally).
-        if count:
+        if ctx.cfg.watch.enabled:
+            refill = Watcher(ctx, journal, ledger,
+                             lambda: build_plan(ctx, journal, {})[0])
+            ex.run(list(ctx.slots), ledger, refill)
+        elif count:
             ex.run(list(ctx.slots), ledger)
     finally:
         progress.close()

@@ -5,8 +5,10 @@ types and what each one means. Every int/float field declares its range
 (:func:`runner.tasks.base.ranged`; README, "Settings and their ranges"). Hydra checks types;
 :func:`validate` checks values and names the field, the value and the allowed set.
 
-Users type ``resume=latest`` or ``resume=<run dir>``; :func:`rewrite_argv` turns that into
-``resume.run=...`` so that ``resume.retry_failed=true`` can live beside it.
+Users type ``resume=latest`` or ``resume=<run dir>`` (``reuse=...``, ``watch=true``);
+:func:`rewrite_argv` turns that into ``resume.run=...`` (``reuse.run``, ``watch.enabled``) so
+that ``resume.retry_failed=true`` (``reuse.accept_fallback``, ``watch.every_s``) can live
+beside it.
 """
 from __future__ import annotations
 
@@ -103,6 +105,22 @@ class ResumeConfig:
 
 
 @dataclass
+class ReuseConfig:
+    # latest | <run dir> | null: a new run takes over the items an earlier run of the task
+    # already made (same id, fingerprint and output-affecting config), linking their files
+    run: Optional[str] = None
+    accept_fallback: bool = False  # also reuse items an earlier run made with a fallback model
+
+
+@dataclass
+class WatchConfig:
+    # watch=true: when the queue drains, look at the input again every every_s and process
+    # what is new or changed (files stable across two looks), until Ctrl-C or SIGTERM
+    enabled: bool = False
+    every_s: float = ranged(10.0, gt=0, le=86400)  # seconds between two looks at the input
+
+
+@dataclass
 class RunnerConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)  # where work runs
     task: Any = None  # the task group: _target_ plus the task's own fields
@@ -110,6 +128,8 @@ class RunnerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # what survives
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # process mechanics
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # continue an earlier run
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)  # a new run over an earlier one's items
+    watch: WatchConfig = field(default_factory=WatchConfig)  # keep looking at the input
     # items per batch: an integer >= 1; auto = the largest that fits, probed per slot on real
     # items (CPU slots: the task's default); null = the task's default
     batch_size: Any = None
@@ -161,6 +181,11 @@ def validate(cfg: Any) -> None:
     _choice("executor.kind", cfg.executor.kind, EXECUTORS)
     _choice("progress", cfg.progress, PROGRESS_MODES)
     _choice("resume.on_changed", cfg.resume.on_changed, ON_CHANGED)
+    if cfg.reuse.run is not None and cfg.resume.run is not None:
+        raise ConfigError(f"reuse={cfg.reuse.run} makes a new run and resume={cfg.resume.run} "
+                          f"continues one: give only one of them")
+    if cfg.reuse.run is not None and cfg.checkpoint.policy == "off":
+        raise ConfigError("reuse= needs a journal: checkpoint=off keeps none (use checkpoint=resume)")
     if cfg.resume.run is not None and cfg.checkpoint.policy == "off":
         raise ConfigError("resume needs a journal: checkpoint=off keeps none (use checkpoint=resume)")
     if cfg.task is None or "_target_" not in cfg.task:
@@ -193,6 +218,10 @@ def rewrite_argv(argv: list[str]) -> list[str]:
     for arg in argv[1:]:
         if arg.startswith("resume=") or arg.startswith("+resume="):
             arg = "resume.run=" + arg.split("=", 1)[1]
+        elif arg.startswith(("reuse=", "+reuse=")):
+            arg = "reuse.run=" + arg.split("=", 1)[1]
+        elif arg.startswith(("watch=", "+watch=")):
+            arg = "watch.enabled=" + arg.split("=", 1)[1]
         out.append(quote_value(arg))
     return out
 

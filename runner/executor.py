@@ -108,6 +108,7 @@ class Executor:
         self.spawned_at = 0.0  # time.time() of the first spawn (start or run)
         # why the run stopped dispatching without a signal: a write the file system refused
         self.halt: str | None = None
+        self.refill: Callable[[], bool] | None = None  # watch=true: more work when idle
 
     def _start(self, slot: Slot, incarnation: int) -> None:
         self.spawned_at = self.spawned_at or time.time()
@@ -131,9 +132,12 @@ class Executor:
             self.workers.clear()
 
     # ---- the loop ----------------------------------------------------------------------
-    def run(self, slots: list[Slot], ledger: Ledger) -> None:
-        """Run the plan's slots until the ledger has no work left, or a stop."""
+    def run(self, slots: list[Slot], ledger: Ledger,
+            refill: Callable[[], bool] | None = None) -> None:
+        """Run the plan's slots until the ledger has no work left, or a stop. ``refill``
+        (watch=true): called while idle instead of ending; True when it found new work."""
         self.ledger = ledger
+        self.refill = refill
         self.interrupts.install()
         try:
             with self.mech.session(slots):
@@ -186,7 +190,10 @@ class Executor:
                 self._wake_dormant()
                 self._dispatch()
             if not stopping and not self.ledger.in_flight() and not self.ledger.scheduler.has_work():
-                return  # done (even if the last workers died idle after the last item)
+                if self.refill is None:
+                    return  # done (even if the last workers died idle after the last item)
+                if self.refill():
+                    continue  # (a new look at the input found work: dispatch it)
             if not self.workers:
                 self.ledger.note("every worker slot is lost")
                 return

@@ -18,6 +18,12 @@ A resume that finds an item's input changed since it was done or failed moves it
 
     done | failed --> pending               (its fingerprint changed: make it again)
     done | pending | running --> failed     (it changed into bad input)
+
+and ``reuse=`` (:mod:`runner.reuse`, at discovery of a new run, before any dispatch) takes
+over what an earlier run made, and undoes that for a file it cannot link::
+
+    pending --> done                        (the same item, unchanged, was done earlier)
+    done (reused) --> pending               (its file is gone from the earlier run)
 """
 from __future__ import annotations
 

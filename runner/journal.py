@@ -234,6 +234,35 @@ class Journal:
         row = self._db.execute("SELECT name FROM items WHERE id=?", (item_id,)).fetchone()
         return row[0] if row and row[0] else ""
 
+    def next_gen(self) -> None:
+        """A new invocation within this process (watch=true: another look at the input)."""
+        self.commit()
+        self.gen += 1
+        self.set_meta("gen", self.gen)
+
+    # ---- reuse= (runner.reuse matches with one statement over the connection) -------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for runner.reuse's bulk SQL at discovery (before any dispatch)."""
+        return self._db
+
+    def raise_batch_no(self, at_least: int) -> None:
+        """Number this run's batches from ``at_least`` on (after a reused run's shards)."""
+        self._batch_no = max(int(self.get_meta("batch_no", 0)), at_least)
+
+    def reused_outputs(self, source: str) -> Iterator[tuple[str, list[str]]]:
+        """(output, ids) of the items reused from ``source``, one output at a time."""
+        cur = self._db.execute("SELECT output, group_concat(id, char(0)) FROM items WHERE "
+                               "reused_from=? GROUP BY output ORDER BY output", (source,))
+        while rows := cur.fetchmany(2000):
+            yield from ((out, ids.split("\0")) for out, ids in rows)
+
+    def unreuse(self, item_ids: Sequence[str]) -> None:
+        """Reused items whose files could not be linked: back to pending, made again."""
+        self._db.executemany("UPDATE items SET status='pending', output=NULL, output_key=NULL, "
+                             "reused_from=NULL WHERE id=? AND reused_from IS NOT NULL",
+                             [(i,) for i in item_ids])
+
     def recover(self, retry_failed: bool) -> dict[str, int]:
         """Start of a run: running -> pending (their worker is gone); optionally failed -> pending."""
         moved = self._db.execute(
@@ -385,10 +414,6 @@ class Journal:
         while rows := cur.fetchmany(5000):
             yield from rows
 
-    def per_model_device(self, since: float) -> list[tuple[str, str, int]]:
-        return self._db.execute(
-            "SELECT device, model, COUNT(*) FROM items WHERE status='done' AND finished>=? "
-            "GROUP BY device, model ORDER BY device, model", (since,)).fetchall()
 
 
 class DoneRows(Sequence):

@@ -26,8 +26,8 @@ from pathlib import Path
 from runner.errors import ConfigError, one_line
 
 #: 1: journals before the version was recorded; 2: + name, name_key, fingerprint, src,
-#: placed, warning, output_key (added on open to a version-1 journal)
-SCHEMA_VERSION = 2
+#: placed, warning, output_key (added on open to a version-1 journal); 3: + reused_from
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -43,8 +43,9 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_todo ON items (gen, status, planned_slot, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# journals written before the identity columns existed (version 1) get them on open
-_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning", "output_key")
+# journals written before these columns existed (versions 1, 2) get them on open
+_ADDED_COLUMNS = ("name", "name_key", "fingerprint", "src", "placed", "warning", "output_key",
+                  "reused_from")
 _NAME_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name_key);"
                "CREATE UNIQUE INDEX IF NOT EXISTS items_output ON items (output_key)")
 

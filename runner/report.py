@@ -195,7 +195,8 @@ def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, stop: EarlyStop
         code, status = ExitCode.OK, "all done"
     # The controller's own CPU time: on a CPU-only box it is taken from the workers' cores.
     extra = {"task": extra, "controller_cpu_s": round(time.process_time(), 3),
-             "speculation": dict(ledger.copies)}  # tail copies made, and won by the copy
+             "speculation": dict(ledger.copies),  # tail copies made, and won by the copy
+             "reuse": journal.get_meta("reuse")}  # reuse=: reused / new / changed / removed
     summary = summarize(ledger.stats, wall, counts, journal.failures(), extra, int(code),
                         status, ledger.notes, ctx.slots)
     write(summary, rundir)

@@ -187,6 +187,10 @@ def check_resume(argv: list[str], conf: str) -> RunLock | None:
     run, a broken journal or a run another controller holds is a one-line error (exit 1)
     with nothing written into the run dir."""
     values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume.run=")]
+    reuse = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("reuse.run=")]
+    if values and reuse and values[-1] not in ("", "null") and reuse[-1] not in ("", "null"):
+        raise ConfigError(f"reuse={reuse[-1]} makes a new run and resume={values[-1]} "
+                          f"continues one: give only one of them")
     if (not values or values[-1] in ("", "null", "None") or "," in values[-1]
             or any(a in ("-m", "--multirun") for a in argv[1:])):
         return None

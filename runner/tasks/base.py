@@ -217,6 +217,11 @@ class Task(ABC):
         """Write run-level outputs (manifests); return figures for summary.json."""
         return {}
 
+    def output_files(self, output: str) -> list[str]:
+        """Every file (relative to the run dir) of an item whose journal output is
+        ``output``: what reuse= links into a new run. Default: that one file."""
+        return [output]
+
     # ---- worker side -----------------------------------------------------------------
     @abstractmethod
     def load_model(self, rung: ModelRung, device: str) -> Any:

@@ -41,7 +41,7 @@ class SleepTask(Task):
             s = self.ms / 1000.0
             if self.dist == "lognormal":
                 s *= rng.lognormvariate(0.0, self.sigma)
-            yield Item(f"item-{i:06d}", s, f"{s:.6f}")
+            yield Item(f"item-{i:06d}", s, f"{s:.6f}", fingerprint=f"{s:.6f}")
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         return [ModelRung("sleep", "sleep", True, "synthetic")]
