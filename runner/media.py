@@ -83,26 +83,56 @@ def _duration_from_packets(container, stream) -> float:
     return float(end - min(first, 0))
 
 
-def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
-    """Decode the first audio stream to mono float32 at ``sr`` Hz (values in [-1, 1])."""
+def decode_audio(path: str | Path, sr: int = 16000, start: float | None = None,
+                 end: float | None = None) -> np.ndarray:
+    """Decode the first audio stream to mono float32 at ``sr`` Hz (values in [-1, 1]).
+
+    With ``start`` / ``end`` (seconds) only that range is returned, and only about that range
+    is read: the container seeks to the packet before ``start`` (exact for PCM, the nearest
+    frame for compressed audio), decoding stops once ``end`` is passed, and the samples are
+    trimmed by each decoded frame's own timestamp -- a piece of a long recording never
+    costs a decode of the whole file."""
     import av
 
     path = Path(path)
     container = _open(path)
     chunks: list[np.ndarray] = []
+    first: float | None = None  # media time of chunks[0][0]
+    got = 0
     try:
         if not container.streams.audio:
             raise BadInput(f"{path}: no audio stream; give a file with sound")
+        stream = container.streams.audio[0]
+        # frame times count from the stream's start (an MP3's encoder delay): a full decode's
+        # sample 0 is that start, so ranges are measured from it too
+        zero = (float(stream.start_time * stream.time_base)
+                if stream.start_time is not None and stream.time_base is not None else 0.0)
+        if start and start > 0 and stream.time_base is not None:
+            container.seek(int((start + zero) / stream.time_base), stream=stream,
+                           backward=True, any_frame=False)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        for frame in container.decode(audio=0):
+        for frame in container.decode(stream):
+            if first is None:
+                first = float(frame.time) - zero if frame.time is not None else 0.0
             for out in resampler.resample(frame):
+                data = out.to_ndarray().reshape(-1)
+                chunks.append(data)
+                got += data.size
+            if end is not None and first + got / sr >= end:
+                break
+        else:
+            for out in resampler.resample(None):  # flush
                 chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):  # flush
-            chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as exc:
         raise BadInput(f"{path}: cannot decode audio ({one_line(exc)}); replace or remove it") from exc
     finally:
         container.close()
     if not chunks:
         return np.zeros(0, dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    audio = np.concatenate(chunks).astype(np.float32, copy=False)
+    if start is None and end is None:
+        return audio
+    t0 = first or 0.0
+    a = max(0, int(round(((start or 0.0) - t0) * sr)))
+    b = len(audio) if end is None else max(a, int(round((end - t0) * sr)))
+    return audio[a:b]

@@ -228,3 +228,57 @@ def test_embed_end_to_end_on_cpu2(tmp_path):
     # the rest of the run-dir contract
     for name in ("plan.yaml", ".hydra/config.yaml", ".hydra/overrides.yaml", "versions.json"):
         assert (run / name).exists(), name
+
+
+# ---- precision (issue 18): half precision within a documented tolerance of fp32 -------------
+
+def test_precision_setting_and_auto_choice():
+    from runner.errors import ConfigError
+    from runner.tasks.embed import EmbedTask, choose_precision
+
+    assert EmbedTask().cfg.precision == "auto"
+    assert [choose_precision("auto", d) for d in ("cuda:1", "xpu:0", "cpu:0", "cpu", "mps")] == \
+        ["fp16", "fp16", "fp32", "fp32", "fp32"]
+    assert choose_precision("bf16", "cuda:0") == "bf16" and choose_precision("fp32", "xpu") == "fp32"
+    with pytest.raises(ConfigError, match="task.precision='fp8'"):
+        EmbedTask(precision="fp8")
+
+
+@pytest.mark.timeout(240)
+def test_half_precision_vectors_within_tolerance_and_recorded(tmp_path):
+    """bf16 and fp16 on CPU (what auto gives on an accelerator is fp16): every vector's cosine
+    similarity to fp32's >= COSINE_TOLERANCE; shards are float32 and say the precision per
+    row; the manifest counts rows per precision."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from runner.tasks.base import FinalizeContext, Item, WriteContext
+    from runner.tasks.embed import COSINE_TOLERANCE, EmbedTask
+
+    texts = [sentence(k) for k in range(40)] + [" ".join(sentence(500 + k) for k in range(30))]
+    items = [Item(str(k), float(len(t)), t) for k, t in enumerate(texts)]
+    vecs, done = {}, []
+    for batch_no, precision in enumerate(("auto", "bf16", "fp16"), start=1):
+        task = EmbedTask(precision=precision)
+        [rung] = task.model_chain("cpu")
+        model = task.load_model(rung, "cpu")
+        got = task.precision
+        vecs[got] = np.asarray(task.process(model, items), dtype=np.float32)
+        ctx = WriteContext(tmp_path, batch_no, 0, "cpu:0", MODEL, len(items))
+        outs = task.write(items, list(vecs[got]), ctx)
+        done += [(it.id + got, out, MODEL) for it, out in zip(items, outs)]
+        table = pq.read_table(tmp_path / outs[0])
+        assert table.column("precision").to_pylist() == [got] * len(items)
+        assert table.schema.field("vector").type.value_type == "float"
+    assert sorted(vecs) == ["bf16", "fp16", "fp32"]  # auto on cpu is fp32
+    ref = vecs["fp32"] / np.linalg.norm(vecs["fp32"], axis=1, keepdims=True)
+    for half in ("bf16", "fp16"):
+        v = vecs[half] / np.linalg.norm(vecs[half], axis=1, keepdims=True)
+        cos = (v * ref).sum(axis=1)
+        assert float(cos.min()) >= COSINE_TOLERANCE, (half, float(cos.min()))
+        assert float(np.abs(vecs[half] - vecs["fp32"]).max()) > 0  # really another precision
+    summary = EmbedTask().finalize(FinalizeContext(tmp_path, tuple(done)))
+    manifest = json.loads((tmp_path / "embeddings" / "manifest.json").read_text())
+    assert summary["rows"] == 3 * len(items)
+    assert manifest["precisions"] == {"fp32": len(items), "bf16": len(items), "fp16": len(items)}
+    assert manifest["columns"]["precision"] == "string"

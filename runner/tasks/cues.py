@@ -197,10 +197,12 @@ class _Layout:
 
 
 def build_cues(
-    words: Iterable[Word | tuple], rules: CueRules = CueRules(), segment_ends: Iterable[int] = ()
+    words: Iterable[Word | tuple], rules: CueRules = CueRules(), segment_ends: Iterable[int] = (),
+    until: float | None = None,
 ) -> list[Cue]:
     """Cues for ``words`` (Word or (start, end, text)); ``segment_ends`` are indices of words
-    that end a Whisper segment (a preferred break)."""
+    that end a Whisper segment (a preferred break). ``until``: the media's length in seconds;
+    no cue is extended past it (a stitched long file's last cue stays inside the recording)."""
     items, seg_ends = _clean_words(words, set(segment_ends))
     n = len(items)
     if n == 0:
@@ -260,10 +262,12 @@ def build_cues(
         bounds.append((back[i], i))
         i = back[i]
     bounds.reverse()
-    return _time_cues(items, bounds, lines_at, rules, min_gap, max_dur)
+    return _time_cues(items, bounds, lines_at, rules, min_gap, max_dur,
+                      None if until is None else _ms(until))
 
 
-def _time_cues(items, bounds, lines_at, rules: CueRules, min_gap: int, max_dur: int) -> list[Cue]:
+def _time_cues(items, bounds, lines_at, rules: CueRules, min_gap: int, max_dur: int,
+               until: int | None = None) -> list[Cue]:
     cues: list[Cue] = []
     prev_end = 0
     min_dur = math.ceil(rules.min_duration * 1000)
@@ -280,6 +284,8 @@ def _time_cues(items, bounds, lines_at, rules: CueRules, min_gap: int, max_dur: 
             end = min(end, nxt - min_gap)  # extension stops short of the next cue
             end = max(end, min(speech_end, start + max_dur))  # speech itself is kept
             end = min(end, nxt)  # never overlap: the next cue starts on time
+        elif until is not None:
+            end = max(min(end, until), speech_end)  # the display ends with the media
         end = max(end, start + 1)
         cues.append(Cue(start, end, tuple(w for _, _, w in items[j:i]), lines))
         prev_end = end

