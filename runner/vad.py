@@ -94,7 +94,7 @@ def plan(path: str | Path, duration: float, piece_s: float, window_s: float,
 
     n = max(2, int(round(duration / piece_s)))
     half = min(window_s, duration / (2 * n))
-    pieces, start, forced = [], 0.0, False
+    pieces, start = [], 0.0
     for k in range(1, n):
         target = duration * k / n
         lo = max(start, target - half)
