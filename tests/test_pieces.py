@@ -190,3 +190,30 @@ def _running_worker(run: Path) -> int | None:
         return None
     pids = worker_pids(run)
     return pids[0] if pids else None
+
+
+def test_auto_language_is_one_per_file_and_names_it(tmp_path):
+    """task.language=auto with the multilingual base model: a German recording in pieces is
+    detected once per file (on its first speech) -- every piece says de -- and named .de."""
+    from tests.speech import recording
+
+    media = tmp_path / "media"
+    media.mkdir()
+    sentences = ["Guten Morgen, heute sprechen wir über das Wetter in Berlin.",
+                 "Der Zug nach München fährt um acht Uhr ab.",
+                 "Wir treffen uns morgen im Rathaus zur Sitzung.",
+                 "Die Kinder spielen im Garten hinter dem Haus."] * 2
+    recording(sentences, media / "sitzung.wav", [1.5, 2.0], voices=("de", "de+m3"))
+    out = tmp_path / "o"
+    r = run_cli(["task=subtitles", f"task.input={media}", "devices=cpu2", f"outputs={out}",
+                 "progress=off", "task.language=auto", "task.models=[base]",
+                 "task.split_over_s=15", "task.piece_s=10", "task.split_window_s=4"],
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run_dir(out, "subtitles")
+    pieces = query_journal(run, "SELECT COUNT(*) FROM items")[0][0]
+    assert pieces >= 2, "the recording was not split"
+    assert sorted(p.name for p in (run / "subtitles").glob("*.srt")) == ["sitzung.de.srt"]
+    doc = json.loads((run / "subtitles" / "sitzung.de.json").read_text())
+    langs = {str(p.get("language")) for p in doc["pieces"]}
+    assert langs == {"de"}, doc["pieces"]
