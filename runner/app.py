@@ -267,10 +267,12 @@ def note_exit_code(code: int) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-def _hydra_main(cfg: DictConfig) -> int:
+def _hydra_main(cfg: DictConfig) -> "ExitStatus":
     code = run(cfg)
     note_exit_code(code)
-    return code
+    from runner.sweep import ExitStatus  # typed: a sweep reads it as runner's exit code
+
+    return ExitStatus(int(code))
 
 
 def main() -> None:

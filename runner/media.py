@@ -9,6 +9,7 @@ FIFO, device or socket is refused without being opened.
 from __future__ import annotations
 
 import logging
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,11 +23,13 @@ log = logging.getLogger(__name__)
 _AV_TIME_BASE = 1_000_000  # container.duration is in microseconds (FFmpeg's AV_TIME_BASE)
 
 
-def _open(path: Path):
+def _open(path: Path, st: os.stat_result | None = None):
+    """``path`` opened by PyAV; ``st``: its stat when the caller has it (discovery stats
+    each file once)."""
     import av  # local: keeps `import runner.media` cheap for the controller
 
     try:
-        st = path.stat()
+        st = st or path.stat()
     except OSError as exc:
         raise BadInput(f"{path}: {exc.strerror or 'no such file'}; check task.input") from None
     kind = file_kind(st.st_mode)
@@ -40,12 +43,12 @@ def _open(path: Path):
         raise BadInput(f"{path}: unreadable media ({one_line(exc)}); replace or remove it") from exc
 
 
-def duration(path: str | Path) -> float:
+def duration(path: str | Path, st: os.stat_result | None = None) -> float:
     """Seconds of audio in ``path``, from the header (or packet timestamps if it has none)."""
     import av
 
     path = Path(path)
-    container = _open(path)
+    container = _open(path, st)
     try:
         if not container.streams.audio:
             raise BadInput(f"{path}: no audio stream; give a file with sound")

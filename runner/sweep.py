@@ -9,8 +9,14 @@ device the job had, its status (``ok``; ``failed`` with the reason: an exception
 signal that killed it, a nonzero exit code; ``not started``), wall time, items/s and the
 task's key figure from the job's ``summary.json``: RTF for subtitles (``rtf``, lower is
 better), sentences/s for embed (``items_per_s``, higher is better); other tasks are ranked
-by items/s. The best finished row is marked. A job's exit code is runner's: 0 ok, 3 some
-items failed, 130 interrupted; anything but 0 counts as failed here.
+by items/s. A runner job's exit code travels as :class:`ExitStatus` (0 ok, 3 some items
+failed, 130 interrupted; anything but 0 counts as failed here).
+
+Any other app's job is ``ok`` when it returned and ``failed`` when it raised; its return value
+is recorded (``value``) when it is a number or a flat dict of numbers, and shown in sweep.md
+(one column, or one per dict key). Which row is best is the launcher's
+``hydra.launcher.best`` (:class:`Ranking`): max / min of the value (``best_key`` of a dict),
+none, or auto (runner's key figure, for runner jobs only).
 
 ``sweep.json`` is also what ``resume=latest`` with ``-m`` reads to know which jobs finished.
 """
@@ -25,6 +31,52 @@ from typing import Any, Optional, Sequence
 
 from runner.rundir import RunDir, SweepDir, atomic_write_json, atomic_write_text
 
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """runner's own exit code as a job's return value: typed, so a plain int another app
+    returns is that app's value and never read as an exit code."""
+
+    code: int
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Which row is best: ``mode`` auto | max | min | none; ``key`` for dict values."""
+
+    mode: str = "auto"
+    key: Optional[str] = None
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` when it is a number or a flat dict of numbers (as JSON), else None."""
+    def num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, dict):
+        try:  # numpy / torch scalars
+            value = value.item()
+        except Exception:
+            return None
+    if num(value):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        out = {}
+        for k, v in value.items():
+            v = plain_value(v) if not isinstance(v, dict) else None
+            if v is None:
+                return None
+            out[k] = v
+        return out
+    try:  # an OmegaConf DictConfig of numbers
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            return plain_value(OmegaConf.to_container(value, resolve=True))
+    except Exception:
+        pass
+    return None
 
 
 class JobState(str, Enum):
@@ -60,7 +112,8 @@ class JobRecord:
     reason: str = ""  # why it failed or did not start
     device: str = ""  # the lease it ran on (cuda:1, cpu:0)
     pid: Optional[int] = None
-    exit_code: Optional[int] = None  # the job's return value when it is an int
+    exit_code: Optional[int] = None  # runner's exit code (an ExitStatus return value)
+    value: Any = None  # the app's return value: a number or a flat dict of numbers
     started: Optional[float] = None  # epoch seconds (launcher's clock)
     finished: Optional[float] = None
     runs: int = 0  # how many times it was started (a resume adds one)
@@ -120,9 +173,20 @@ def _summary(job_dir: str) -> dict[str, Any]:
         return {}
 
 
+def _value_of(row: dict[str, Any], key: Optional[str]) -> Any:
+    v = row.get("value")
+    if isinstance(v, dict):
+        if key is None and len(v) == 1:
+            key = next(iter(v))
+        v = v.get(key) if key is not None else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def build(records: Sequence[JobRecord], task: Optional[str], sweep_dir: Path,
-          extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+          extra: Optional[dict[str, Any]] = None,
+          ranking: Optional[Ranking] = None) -> dict[str, Any]:
     """The sweep.json document for ``records``."""
+    ranking = ranking or Ranking()
     fig = KEY_FIGURES.get(task or "", DEFAULT_FIGURE)
     keys = varying_keys(records)
     rows = []
@@ -134,15 +198,24 @@ def build(records: Sequence[JobRecord], task: Optional[str], sweep_dir: Path,
                     "failed_items": (s.get("counts") or {}).get("failed"),
                     "key_figure": s.get(fig.field), "best": False})
         rows.append(row)
+    if ranking.mode in ("max", "min"):
+        score, higher = (lambda row: _value_of(row, ranking.key)), ranking.mode == "max"
+        what = "value" + (f"[{ranking.key}]" if ranking.key else "")
+    elif ranking.mode == "auto":
+        score, higher, what = (lambda row: row["key_figure"]), fig.higher_is_better, fig.label
+    else:
+        score, higher, what = (lambda row: None), True, ""
     ranked = [row for row in rows if row["state"] == JobState.OK.value
-              and isinstance(row["key_figure"], (int, float))]
+              and isinstance(score(row), (int, float)) and not isinstance(score(row), bool)]
     best = None
     if ranked:
-        pick = max if fig.higher_is_better else min
-        best = pick(ranked, key=lambda row: row["key_figure"])
+        pick = max if higher else min
+        best = pick(ranked, key=score)
         best["best"] = True
     return {"sweep_dir": str(sweep_dir), "task": task, "updated": time.time(),
             "key_figure": asdict(fig), "varying": keys,
+            "ranking": {**asdict(ranking), "by": what, "higher_is_better": higher,
+                        "score": score(best) if best else None},
             "best": best["num"] if best else None, "jobs": rows, **(extra or {})}
 
 
@@ -167,20 +240,37 @@ def render(doc: dict[str, Any]) -> str:
     """sweep.md: a Markdown table a person can paste into a review."""
     fig = KeyFigure(**doc["key_figure"])
     keys = doc["varying"]
-    show_fig = fig != DEFAULT_FIGURE
-    head = ["job", *keys, "device", "status", "wall s", "items/s"]
+    rank = doc.get("ranking") or {"by": fig.label, "higher_is_better": fig.higher_is_better}
+    runner_rows = any(r.get("items_per_s") is not None or r.get("exit_code") is not None
+                      for r in doc["jobs"])
+    show_fig = fig != DEFAULT_FIGURE and runner_rows
+    value_keys: list[str] = []
+    scalar = False
+    for r in doc["jobs"]:
+        v = r.get("value")
+        if isinstance(v, dict):
+            value_keys += [k for k in v if k not in value_keys]
+        elif v is not None:
+            scalar = True
+    head = ["job", *keys, "device", "status", "wall s"]
+    head += ["items/s"] if runner_rows else []
     head += [fig.label] if show_fig else []
+    head += (["value"] if scalar else []) + value_keys
     head += ["best"]
+    best_line = (f"; best = {'highest' if rank['higher_is_better'] else 'lowest'} {rank['by']}"
+                 if rank["by"] else "")
     lines = [f"# Sweep{': ' + doc['task'] if doc.get('task') else ''}", "",
-             f"`{doc['sweep_dir']}` — {len(doc['jobs'])} job(s); best = "
-             f"{'highest' if fig.higher_is_better else 'lowest'} {fig.label}", "",
+             f"`{doc['sweep_dir']}` — {len(doc['jobs'])} job(s){best_line}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in doc["jobs"]:
         cells = [str(row["num"]), *(row["params"].get(k, "") for k in keys), row["device"] or "-",
-                 status_text(row).replace("|", "/"), _fmt(row["wall_s"]),
-                 _fmt(row["items_per_s"])]
+                 status_text(row).replace("|", "/"), _fmt(row["wall_s"])]
+        cells += [_fmt(row["items_per_s"])] if runner_rows else []
         cells += [_fmt(row["key_figure"], ".3f" if not fig.higher_is_better else ".1f")] \
             if show_fig else []
+        v = row.get("value")
+        cells += [_fmt(v, "g") if not isinstance(v, dict) else ""] if scalar else []
+        cells += [_fmt(v.get(k), "g") if isinstance(v, dict) else "" for k in value_keys]
         cells += ["**best**" if row["best"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in doc["jobs"] if r["state"] == JobState.FAILED.value]
@@ -188,7 +278,8 @@ def render(doc: dict[str, Any]) -> str:
     if doc["best"] is not None:
         b = next(r for r in doc["jobs"] if r["num"] == doc["best"])
         what = " ".join(f"{k}={v}" for k, v in b["params"].items()) or f"job {b['num']}"
-        lines.append(f"Best: job {b['num']} ({what}), {fig.label} {_fmt(b['key_figure'], '.3f')}.")
+        score = rank.get("score", b.get("key_figure"))
+        lines.append(f"Best: job {b['num']} ({what}), {rank['by']} {_fmt(score, '.4g')}.")
     if failed:
         lines.append(f"Failed: {len(failed)} job(s): "
                      + "; ".join(f"{r['num']} ({r['reason']}) in {r['dir']}" for r in failed))
@@ -200,9 +291,10 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def write(sweep_dir: Path, records: Sequence[JobRecord], task: Optional[str],
-          extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+          extra: Optional[dict[str, Any]] = None,
+          ranking: Optional[Ranking] = None) -> dict[str, Any]:
     """Write sweep.json and sweep.md atomically; return the document."""
-    doc = build(records, task, sweep_dir, extra)
+    doc = build(records, task, sweep_dir, extra, ranking)
     atomic_write_json(SweepDir(Path(sweep_dir)).json, doc)
     atomic_write_text(SweepDir(Path(sweep_dir)).md, render(doc))
     return doc

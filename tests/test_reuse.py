@@ -157,3 +157,27 @@ def test_subtitles_reuse_runs_exactly_the_added_and_replaced_files(tmp_path):
         os.stat(run1 / "subtitles" / "alpha.en.srt").st_ino  # a hard link, not a copy
     rep = read_summary(run2)["reuse"]
     assert (rep["reused"], rep["new"], rep["changed"], rep["removed"]) == (1, 1, 1, 1), rep
+
+
+def test_a_folder_walk_stats_each_file_once(tmp_path, monkeypatch):
+    """Discovery of a folder (what every reuse= or watch look starts with) stats each file
+    once: its fingerprint, size bound and duration all come from that one stat."""
+    from runner.tasks.subtitles import SubtitlesTask
+
+    for stem in ("one", "two", "three"):
+        synthesise(f"number {stem}", tmp_path / f"{stem}.wav")
+    seen: dict[str, int] = {}
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def counted(real):
+        def call(path, *a, **k):
+            if str(path).startswith(str(tmp_path) + "/") and str(path).endswith(".wav"):
+                seen[str(path)] = seen.get(str(path), 0) + 1
+            return real(path, *a, **k)
+        return call
+
+    monkeypatch.setattr(os, "stat", counted(real_stat))
+    monkeypatch.setattr(os, "lstat", counted(real_lstat))
+    items = list(SubtitlesTask(input=str(tmp_path)).discover())
+    assert len(items) == 3 and all(i.fingerprint for i in items)
+    assert seen and set(seen.values()) == {1}, seen

@@ -7,20 +7,31 @@ for what the launcher forwards), and asks the kernel for SIGTERM if the launcher
 stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own ``run_job`` after ``Singleton.set_state``: .hydra/, job logging and callbacks behave as
 under any launcher. A job that raises has its traceback logged through the job's own
 logging (its log file) and console.log the moment it fails. The JobReturn goes back to
-the launcher over a pipe, pickled with cloudpickle (task functions and OmegaConf resolvers
-are often closures).
+the launcher over a pipe, pickled with cloudpickle.
+
+The task function travels as a :class:`TaskRef`: by module and name when it is importable
+(``module:qualname``, or the script's path when the app is a script run as ``__main__``
+with an ``if __name__ == "__main__":`` guard), so its tracebacks show the user's file and
+line; by value (cloudpickle) only when it is not importable (a closure, a function made at
+run time) or the script has no guard (importing it would start Hydra again). The job's log
+gets one line saying which device the job holds.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import importlib
+import importlib.util
 import logging
 import os
 import pickle
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +40,87 @@ from hydra.core.utils import JobStatus, run_job, setup_globals
 
 from runner.errors import describe
 from runner.rundir import SweepDir
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """How the job process finds the task function (parent -> child, with the payload)."""
+
+    module: Optional[str] = None  # importable module name
+    path: Optional[str] = None  # a script run as __main__ (loaded as __mp_main__)
+    qualname: str = ""
+    by_value: Optional[bytes] = None  # cloudpickle, when it cannot be imported
+
+    @classmethod
+    def of(cls, fn: Any) -> "TaskRef":
+        mod = getattr(fn, "__module__", None)
+        qual = getattr(fn, "__qualname__", "")
+        if mod and qual and "<" not in qual:
+            if mod != "__main__":
+                if _resolve(importlib.import_module(mod), qual) is fn:
+                    return cls(module=mod, qualname=qual)
+            else:
+                path = getattr(sys.modules["__main__"], "__file__", None)
+                if path and _has_main_guard(path) and _resolve(sys.modules["__main__"], qual) is fn:
+                    return cls(path=os.path.abspath(path), qualname=qual)
+        code = getattr(fn, "__code__", None)
+        return cls(by_value=cloudpickle.dumps(fn), qualname=qual,
+                   path=code.co_filename if code is not None else None)
+
+    def load(self) -> Any:
+        if self.by_value is not None:
+            fn = pickle.loads(self.by_value)
+            if self.path and hasattr(fn, "__code__"):  # cloudpickle says "<dynamic-code>"
+                with contextlib.suppress(Exception):
+                    fn.__code__ = _refile(fn.__code__, self.path)
+            return fn
+        if self.module is not None:
+            return _resolve(importlib.import_module(self.module), self.qualname)
+        main = sys.modules.get("__mp_main__")
+        if main is None or getattr(main, "__file__", None) != self.path:
+            spec = importlib.util.spec_from_file_location("__mp_main__", self.path)
+            main = importlib.util.module_from_spec(spec)
+            sys.modules["__mp_main__"] = main
+            sys.path.insert(0, os.path.dirname(self.path))
+            spec.loader.exec_module(main)
+        sys.modules["__main__"] = main
+        return _resolve(main, self.qualname)
+
+
+def _refile(code: Any, path: str) -> Any:
+    """``code`` (and the code nested in it) naming ``path`` as its file: tracebacks of a
+    function sent by value show the user's file and line again."""
+    consts = tuple(_refile(c, path) if isinstance(c, type(code)) else c for c in code.co_consts)
+    return code.replace(co_filename=path, co_consts=consts)
+
+
+def _resolve(module: Any, qualname: str) -> Any:
+    """``module.<qualname>``, unwrapped past decorators (``@hydra.main`` keeps ``__wrapped__``)."""
+    obj = module
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return inspect_unwrap(obj)
+
+
+def inspect_unwrap(obj: Any) -> Any:
+    while hasattr(obj, "__wrapped__") and callable(obj):
+        obj = obj.__wrapped__
+    return obj
+
+
+@functools.lru_cache(maxsize=8)
+def _has_main_guard(path: str) -> bool:
+    """The script runs nothing at import but under ``if __name__ == "__main__":``: no
+    top-level call statement outside such a block (a bare ``train()`` would start Hydra)."""
+    try:
+        tree = ast.parse(Path(path).read_text(), path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return not any(isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                   for node in tree.body)
 
 
 def _die_with_parent() -> None:
@@ -49,6 +141,23 @@ def _redirect(job_dir: str) -> None:
     os.close(fd)
 
 
+def _announce(task_function: Any) -> Any:
+    """The task function, preceded in the job's log by the device line (after run_job has
+    configured the job's logging)."""
+    device = os.environ.get("RUNNER_SWEEP_DEVICE")
+    if not device:
+        return task_function
+    masks = " ".join(f"{k}={os.environ[k]}" for k in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK",
+                                                     "OMP_NUM_THREADS") if k in os.environ)
+
+    def with_device_line(cfg: Any) -> Any:
+        logging.getLogger("hydra_plugins.runner_launcher").info(
+            "runner launcher: this job holds %s (%s)", device, masks or "no mask")
+        return task_function(cfg)
+
+    return with_device_line
+
+
 def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
     """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
     with contextlib.suppress(OSError):
@@ -57,7 +166,8 @@ def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None
     _die_with_parent()
     if console_log:
         _redirect(job_dir)
-    ctx, config, task_function, state = pickle.loads(payload)
+    ctx, config, task_ref, state = pickle.loads(payload)
+    task_function = _announce(task_ref.load())
     setup_globals()
     Singleton.set_state(state)
     HydraConfig.instance().set_config(config)

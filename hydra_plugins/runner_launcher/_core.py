@@ -2,15 +2,18 @@
 
 Parent (the process Hydra's sweeper runs in)::
 
+    check the launcher's settings; make the pool (_pool.py): runner's `devices` group, or
+      hydra.launcher.devices/ids/jobs_per_device; either wrong -> one line, nothing runs
     compose every job's config first (a bad override fails the sweep before anything runs)
-    pool = one lease per device of the job's `devices` group          (_pool.py)
     loop:
       a lease is free and a job is waiting (and the stagger has passed) ->
-          pin the job's `devices` to that lease, spawn its process with the lease's env
-          in place (runner.executor.spawn_environment), daemon=False so the job may spawn
-          its own workers
+          pin runner's `devices` to that lease (runner's group only), spawn its process
+          with the lease's env in place (runner.processes.spawn_environment) and without
+          the parent's __main__ (the child loads the task itself: _child.TaskRef),
+          daemon=False so the job may spawn its own workers
       wait(result pipes + process sentinels, poll_s)   never longer
-      result on a pipe -> keep the JobReturn
+      result on a pipe -> keep the JobReturn; its return value: runner's ExitStatus ->
+                          the job's exit code; a number / flat dict of numbers -> its value
       sentinel         -> the job ended: with its JobReturn, or killed (SIGKILL ...) or
                           crashed before returning -> a FAILED JobReturn made here
       a job failed and fail_fast -> hand out no more jobs
@@ -35,6 +38,7 @@ import pickle
 import signal
 import sys
 import time
+import types
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -49,13 +53,13 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.runner_launcher import _live, _pool, _resume
-from hydra_plugins.runner_launcher._child import job_main
+from hydra_plugins.runner_launcher._child import TaskRef, job_main
 from runner import sweep as sweep_mod
 from runner.errors import ConfigError, ExitCode, describe
 from runner.processes import SignalCounter, exit_name, reap, spawn_environment
 from runner.rundir import SweepDir
 from runner.runlock import RunLock
-from runner.sweep import JobRecord, JobState
+from runner.sweep import ExitStatus, JobRecord, JobState, Ranking, plain_value
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     setup_globals()
     config, ctx = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    problem = launcher.check_settings()
+    if problem:
+        raise _pool.PoolError(problem)
+    leases = _pool.make_pool(config, launcher.max_parallel, launcher.devices, launcher.ids,
+                             launcher.jobs_per_device, launcher.threads_per_job,
+                             launcher.task_function)
     resume_value = _resume.requested(config)
     try:
         plan = _resume.plan(config, resume_value, job_overrides) if resume_value else None
@@ -101,7 +111,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         raise _resume.SweepError(str(exc)) from None
     if plan:
         _resume.adopt_fresh_dir(config, sweep_dir)
-    leases = _pool.make_pool(config, launcher.max_parallel)
     task_name = OmegaConf.select(config, "task.name", default=None)
 
     jobs, kept, returns = [], [], [None] * len(job_overrides)
@@ -116,18 +125,27 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         cfg = _compose(ctx, config, ovr, num, old)
         record = old or JobRecord(num, _resume.own_overrides(overrides), _job_dir(cfg))
         record.state, record.reason, record.exit_code = JobState.PENDING, "", None
+        record.value = None
         record.started = record.finished = record.pid = None
         jobs.append(_Job(i, ovr, cfg, record))
 
     records = [j.record for j in jobs] + kept + (plan.others if plan else [])
+    # a sweeper that calls launch() once per batch (optuna: n_jobs trials at a time) gets
+    # one sweep.json with every batch's jobs
+    mine = {r.num for r in records}
+    if getattr(launcher, "earlier_dir", None) == sweep_dir:
+        records += [r for r in launcher.earlier_records if r.num not in mine]
+    launcher.earlier_dir, launcher.earlier_records = sweep_dir, records
     resumes = list((plan.doc.get("resumes") or []) if plan else [])
     if plan:
         resumes.append({"time": time.time(), "rerun": [j.record.num for j in jobs],
                         "kept": [r.num for r in kept]})
     extra = {"devices": [lease.label for lease in leases], "resumes": resumes}
 
+    ranking = Ranking(launcher.best, launcher.best_key)
+
     def record_sweep() -> None:
-        sweep_mod.write(sweep_dir, records, task_name, extra)
+        sweep_mod.write(sweep_dir, records, task_name, extra, ranking)
 
     log.info(f"runner launcher: {len(jobs)} job(s) on {len(leases)} device(s) "
              f"({_pool.describe(leases)}), sweep dir {sweep_dir}"
@@ -199,6 +217,7 @@ class _Loop:
         self.keys = sweep_mod.varying_keys(self.view)
         self.ctx_mp = get_context("spawn")
         self.state = None
+        self.task = TaskRef.of(launcher.task_function)
 
     def run(self) -> None:
         self.state = Singleton.get_state()
@@ -274,12 +293,12 @@ class _Loop:
             with read_write(cfg), open_dict(cfg):
                 for key, value in lease.pins.items():
                     OmegaConf.update(cfg, key, value, merge=False)
-        payload = cloudpickle.dumps((self.ctx, cfg, self.l.task_function, self.state))
+        payload = cloudpickle.dumps((self.ctx, cfg, self.task, self.state))
         parent_conn, child_conn = self.ctx_mp.Pipe(duplex=False)
         proc = self.ctx_mp.Process(
             target=job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
             args=(payload, child_conn, job.record.dir, self.l.console_log))
-        with spawn_environment(lease.env):
+        with spawn_environment(lease.env), _without_main():
             proc.start()
         child_conn.close()
         job.process, job.conn, job.lease = proc, parent_conn, lease
@@ -323,8 +342,8 @@ class _Loop:
                                           f"see {SweepDir.console_log(r.dir)}")
         elif ret.status == JobStatus.COMPLETED:
             value = ret._return_value
-            code = value if isinstance(value, int) and not isinstance(value, bool) else None
-            r.exit_code = code
+            code = value.code if isinstance(value, ExitStatus) else None
+            r.exit_code, r.value = code, plain_value(value) if code is None else None
             r.state = JobState.OK if not code else JobState.FAILED
             r.reason = "" if not code else ExitCode.describe(code)
             job.ret = ret
@@ -344,6 +363,21 @@ class _Loop:
                 self.live.message("runner launcher: fail_fast: no more jobs are started")
         self.record_sweep()
         self.live.update(self.view, self.keys, force=True)
+
+
+@contextlib.contextmanager
+def _without_main():
+    """spawn re-runs the parent's ``__main__`` script in the child (as ``__mp_main__``): a
+    script without a ``__main__`` guard would start Hydra again there, and any script costs
+    its imports twice. The child loads the task function itself (TaskRef), so the spawn
+    sees a bare ``__main__`` while it starts."""
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _failed_return(job: _Job, message: str) -> JobReturn:

@@ -152,7 +152,9 @@ def kept_return(old: JobRecord, overrides: Sequence[str]) -> JobReturn:
     """The JobReturn of a job a resume did not rerun, rebuilt from its run dir."""
     hydra_dir = Path(old.dir) / ".hydra"
     ret = JobReturn(overrides=list(overrides), working_dir=str(Path.cwd()),
-                    status=JobStatus.COMPLETED, _return_value=old.exit_code)
+                    status=JobStatus.COMPLETED,
+                    _return_value=(sweep_mod.ExitStatus(old.exit_code)
+                                   if old.exit_code is not None else old.value))
     if (hydra_dir / "config.yaml").is_file():
         ret.cfg = OmegaConf.load(hydra_dir / "config.yaml")
     if (hydra_dir / "hydra.yaml").is_file():

@@ -1,17 +1,19 @@
 """The launcher's config, stored in Hydra's ConfigStore as ``hydra/launcher=runner``.
 
 ``python -m runner -m ... --cfg hydra -p hydra.launcher`` shows these fields; set them on
-the command line as ``hydra.launcher.fail_fast=true`` and so on. The device pool itself is
-not configured here: it is the job's own ``devices`` group (``devices=cuda4`` -> four
-cards, one job on each at a time; ``devices=cpu2`` -> two CPU slots).
+the command line as ``hydra.launcher.fail_fast=true`` and so on. The device pool: in runner
+(or an app with runner's ``devices`` group) it is the job's own ``devices`` group
+(``devices=cuda4`` -> four cards, one job on each at a time; ``devices=cpu2`` -> two CPU
+slots); in any other Hydra app it is ``devices`` / ``ids`` / ``jobs_per_device`` here.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 LIVE_MODES = ("auto", "plain", "off")
+BEST_MODES = ("auto", "max", "min", "none")
 
 
 @dataclass
@@ -37,6 +39,24 @@ class RunnerLauncherConf:
     # true: a job's stdout/stderr go to <job dir>/console.log (its traceback lands there and
     # in its own log the moment it fails), so the live view stays readable.
     console_log: bool = True
+    # The device pool. null: the app's own `devices` group when it is runner's (runner, or
+    # an app with runner's devices schema), else auto. auto | cuda | xpu | cpu: the
+    # launcher's own pool: auto = every CUDA card, else every Intel GPU, else the CPU. Each
+    # job gets one card, as CUDA_VISIBLE_DEVICES / ZE_AFFINITY_MASK (CUDA_VISIBLE_DEVICES=
+    # on CPU) plus RUNNER_SWEEP_DEVICE=<label>; the job's config is not changed.
+    devices: Optional[str] = None
+    # Cards of the launcher's own pool (machine ids, as nvidia-smi numbers them); null: all.
+    ids: Optional[Any] = None
+    # Jobs sharing one card at a time (launcher's own pool); on CPU: CPU slots when
+    # max_parallel is null.
+    jobs_per_device: int = 1
+    # Launcher's own pool: OMP_NUM_THREADS / MKL_NUM_THREADS for each job; null: not set.
+    threads_per_job: Optional[int] = None
+    # The best row of sweep.md / sweep.json: max | min = the job's return value (a number, or
+    # best_key of a flat dict of numbers); none = no best row; auto = runner's key figure for
+    # runner jobs (items/s, RTF), none for other apps.
+    best: str = "auto"
+    best_key: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="runner", node=RunnerLauncherConf,

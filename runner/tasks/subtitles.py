@@ -145,6 +145,7 @@ class SubtitlesTask(Task):
 
         root = Path(self.config.input).expanduser()
         check_input_path("task.input", root, "point task.input at an audio/video file or folder")
+        root = root.resolve()  # once: each file's path below is then absolute as it is
         if root.is_file():
             files = [(root.name, root)]
         else:
@@ -182,7 +183,7 @@ class SubtitlesTask(Task):
                               name=named[rel], fingerprint=fingerprint, where=str(path))
                 continue
             try:
-                seconds = media.duration(path)
+                seconds = media.duration(path, st)
             except BadInput as exc:
                 yield BadItem(rel, str(exc), name=named[rel], fingerprint=fingerprint,
                               where=str(path))
@@ -191,7 +192,7 @@ class SubtitlesTask(Task):
             if split and seconds > split:
                 yield from self._pieces(rel, path, seconds, named[rel], fingerprint)
                 continue
-            yield Item(id=rel, cost=seconds, payload=str(path.resolve()), name=named[rel],
+            yield Item(id=rel, cost=seconds, payload=str(path), name=named[rel],
                        fingerprint=fingerprint, where=str(path))
 
     def _pieces(self, rel: str, path: Path, seconds: float, name: str,
@@ -215,7 +216,7 @@ class SubtitlesTask(Task):
         tag = pc.plan_tag(plan, fingerprint)
         for k, p in enumerate(plan, 1):
             yield Item(id=pc.piece_id(rel, k), cost=p.end - p.start,
-                       payload=pc.payload(str(path.resolve()), rel, name, k, len(plan), p.start,
+                       payload=pc.payload(str(path), rel, name, k, len(plan), p.start,
                                           p.end, tag, p.forced, speech),
                        name=f"{name}.piece-{k:03d}", fingerprint=fingerprint,
                        where=f"{path} {p.start:.1f}-{p.end:.1f} s")
