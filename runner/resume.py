@@ -140,19 +140,24 @@ def output_subdir(resume: str | None) -> str:
     return RunDir.resume_hydra_subdir(datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f'))
 
 
-def find_run(outputs: str, task: str, resume: str) -> Path:
+def find_run(outputs: str, task: str, resume: str, key: str = "resume",
+             exclude: Path | None = None) -> Path:
+    """The run dir ``<key>=latest`` (the newest run of ``task`` under ``outputs`` with a
+    journal, other than ``exclude``) or ``<key>=<run dir>`` names; one-line errors."""
     if resume == "latest":
         root = Path(outputs) / task
+        skip = exclude.resolve() if exclude is not None else None
         runs = sorted(p.parent for p in root.glob(f"*/{RunDir(root).journal.name}")
-                      ) if root.is_dir() else []
+                      if p.parent.resolve() != skip) if root.is_dir() else []
         if not runs:
-            raise ConfigError(f"resume=latest: no run of task={task} with a journal under "
-                              f"{root}/ (start one without resume=, or pass resume=<run dir>)")
+            raise ConfigError(f"{key}=latest: no {'earlier ' if exclude else ''}run of "
+                              f"task={task} with a journal under {root}/ (start one without "
+                              f"{key}=, or pass {key}=<run dir>)")
         return runs[-1]
     path = Path(resume).expanduser()
     if not RunDir(path).journal.is_file():
-        raise ConfigError(f"resume={resume}: no {RunDir(path).journal.name} there; pass a run dir made with "
-                          f"checkpoint=resume (or resume=latest)")
+        raise ConfigError(f"{key}={resume}: no {RunDir(path).journal.name} there; pass a run "
+                          f"dir made with checkpoint=resume (or {key}=latest)")
     return path
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from runner import journal_schema
 from runner.errors import ConfigError
 from runner.journal import Journal
-from runner.resume import diff
+from runner.resume import diff, find_run
 from runner.rundir import RunDir
 
 log = logging.getLogger("runner")
@@ -66,18 +66,7 @@ class ReuseReport:
 def find_source(outputs: str, task: str, value: str, current: Path) -> Path:
     """The run dir ``reuse=`` names: ``latest`` = the newest run of ``task`` under ``outputs``
     with a journal, other than ``current``; else the path given. One-line errors."""
-    if value == "latest":
-        root = Path(outputs) / task
-        runs = sorted(p.parent for p in root.glob(f"*/{RunDir(root).journal.name}")
-                      if p.parent.resolve() != current.resolve()) if root.is_dir() else []
-        if not runs:
-            raise ConfigError(f"reuse=latest: no earlier run of task={task} under {root}/ "
-                              f"(run once without reuse=, or pass reuse=<run dir>)")
-        return runs[-1]
-    path = Path(value).expanduser()
-    if not RunDir(path).journal.is_file():
-        raise ConfigError(f"reuse={value}: no {RunDir(path).journal.name} there; pass a run "
-                          f"dir made with checkpoint=resume (or reuse=latest)")
+    path = find_run(outputs, task, value, key="reuse", exclude=current)
     if path.resolve() == current.resolve():
         raise ConfigError(f"reuse={value} is this run's own dir; to finish a run use resume=")
     return path
