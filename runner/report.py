@@ -126,45 +126,169 @@ def print_table(summary: dict[str, Any]) -> str:
 
 #: bar colour per backend in timeline.png (a mixed run shows which lane is which kind)
 COLOURS = {"cuda": "tab:green", "xpu": "tab:blue", "cpu": "tab:gray"}
+#: a batch that failed, one that succeeded only on a later attempt, a slot's idle time
+FAILED_COLOUR, RETRIED_COLOUR, IDLE_COLOUR = "tab:red", "tab:orange", "#f4f4f4"
+H = 0.56  # a lane's bar height (lanes are 1 apart: room for the rung above, a label below)
+
+
+@dataclass
+class Batch:
+    """One bar of the timeline: the items one slot started together (one call)."""
+
+    slot: int
+    start: float
+    end: float
+    items: int = 0
+    failed: int = 0
+    retried: int = 0  # done items that needed more than one attempt
+    model: str = ""
+    batch_size: int | None = None
+    first: str = ""  # its first item's id
+
+    @property
+    def kind(self) -> str:
+        return "failed" if self.failed else "retried" if self.retried else "ok"
+
+
+def timeline_batches(db: Any, since: float) -> tuple[list[Batch], tuple | None]:
+    """The batches (grouped by slot and start time) of every item started since ``since``,
+    and the longest: (first item id, slot, start, seconds, items), or None. ``db``: the
+    journal's connection (read-only is enough). An item's ``started`` is when it was sent;
+    a worker runs its calls in order, so a batch queued behind another (prefetch) is drawn
+    from the end of the one before it."""
+    batches: dict[tuple[int, float], Batch] = {}
+    cur = db.execute(
+        "SELECT slot, started, finished, status, attempts, model, batch_size, id FROM items "
+        "WHERE finished IS NOT NULL AND started IS NOT NULL AND slot IS NOT NULL AND started>=? "
+        "ORDER BY started, seq", (since,))
+    while rows := cur.fetchmany(5000):
+        for slot, start, end, status, attempts, model, bs, item_id in rows:
+            b = batches.setdefault((slot, start), Batch(slot, start, end, first=item_id))
+            b.end = max(b.end, end)
+            b.items += 1
+            b.failed += status == "failed"
+            b.retried += status == "done" and (attempts or 0) > 1
+            b.model = b.model or (model or "")
+            b.batch_size = b.batch_size or bs
+    out = sorted(batches.values(), key=lambda b: (b.slot, b.start, b.end))
+    longest = None
+    for k, b in enumerate(out):
+        if k and out[k - 1].slot == b.slot:
+            b.start = min(max(b.start, out[k - 1].end), b.end)
+        if longest is None or b.end - b.start > longest[3]:
+            longest = (b.first, b.slot, b.start, b.end - b.start, b.items)
+    return out, longest
+
+
+def idle_gaps(batches: Sequence[Batch], slot: int, t0: float, t1: float,
+              least: float) -> list[tuple[float, float]]:
+    """(start, length) of each stretch of at least ``least`` s in [t0, t1] when ``slot`` ran
+    no batch."""
+    gaps, at = [], t0
+    for b in sorted((b for b in batches if b.slot == slot), key=lambda b: b.start):
+        if b.start - at >= least:
+            gaps.append((at, b.start - at))
+        at = max(at, b.end)
+    if t1 - at >= least:
+        gaps.append((at, t1 - at))
+    return gaps
 
 
 def timeline(journal: Journal, rundir: RunDir, labels: dict[int, str], since: float,
-             threads: dict[int, int] | None = None) -> None:
+             threads: dict[int, int] | None = None) -> dict[str, Any]:
     """timeline.png: one lane per slot, labelled with its device (``cuda:1``: the backend
-    first) and threads, one bar per processed chunk coloured by backend (red: failed)."""
+    first), threads and the model rung / batch size it ran; one bar per batch coloured by
+    backend, orange when an item of it needed a retry, red when one failed; idle time
+    hatched grey (a gap of 2% of the run or more is marked with its length); the item that
+    ran longest named. Returns what was drawn (for tests): per-kind bar counts, the gaps,
+    the longest item."""
+    batches, longest = timeline_batches(journal.db, since)
+    return draw_timeline(batches, longest, labels, rundir.timeline, threads)
+
+
+def draw_timeline(batches: Sequence[Batch], longest: tuple | None, labels: dict[int, str],
+                  path: Any, threads: dict[int, int] | None = None) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    bars: dict[int, set] = {i: set() for i in labels}
-    failed: dict[int, set] = {i: set() for i in labels}
-    for slot, start, end, status in journal.timeline_rows(since):
-        if slot in bars:
-            (failed if status == "failed" else bars)[slot].add((start - since, max(end - start, 1e-3)))
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(labels) + 1.2))
+    t0 = min((b.start for b in batches), default=0.0)
+    t1 = max((b.end for b in batches), default=t0 + 1.0)
+    span = max(t1 - t0, 1e-3)
+    least = max(0.02 * span, 1e-3)
+    fig, ax = plt.subplots(figsize=(11, 0.75 * max(len(labels), 1) + 1.6))
     kinds = {i: labels[i].split(":")[0] for i in labels}
-    for lane, idx in enumerate(sorted(labels)):
-        ax.broken_barh(sorted(bars[idx]), (lane - 0.4, 0.8),
-                       facecolors=COLOURS.get(kinds[idx], "tab:blue"), edgecolor="white",
-                       linewidth=0.3)
-        if failed[idx]:
-            ax.broken_barh(sorted(failed[idx]), (lane - 0.4, 0.8), facecolors="tab:red")
+    drawn = {"ok": 0, "retried": 0, "failed": 0}
+    gaps_by_lane: dict[int, list] = {}
+    ticks = []
     thr = threads or {}
-    ax.set_yticks(range(len(labels)), [f"[{i}] {labels[i]}" + (f" ({thr[i]} thr)" if i in thr
-                                                                 else "") for i in sorted(labels)])
-    if len(set(kinds.values())) > 1:  # a mixed run: say which colour is which backend
-        from matplotlib.patches import Patch
-
-        ax.legend(handles=[Patch(color=COLOURS.get(k, "tab:blue"), label=k)
-                           for k in dict.fromkeys(kinds[i] for i in sorted(kinds))],
-                  loc="upper right", fontsize="small")
-    ax.set_xlabel("seconds since start")
-    ax.set_title("runner timeline: one lane per worker slot")
+    for lane, idx in enumerate(sorted(labels)):
+        mine = [b for b in batches if b.slot == idx]
+        ax.broken_barh([(0, span)], (lane - H / 2, H), facecolors=IDLE_COLOUR,
+                       edgecolor="#d0d0d0", hatch="///", linewidth=0)
+        colour = {"ok": COLOURS.get(kinds[idx], "tab:blue"), "retried": RETRIED_COLOUR,
+                  "failed": FAILED_COLOUR}
+        for kind in drawn:
+            bars = [(b.start - t0, max(b.end - b.start, 1e-3)) for b in mine if b.kind == kind]
+            drawn[kind] += len(bars)
+            if bars:
+                ax.broken_barh(bars, (lane - H / 2, H), facecolors=colour[kind],
+                               edgecolor="white", linewidth=0.3)
+        gaps = idle_gaps(batches, idx, t0, t1, least) if mine else [(0.0, span)]
+        gaps_by_lane[idx] = [(round(g0 - t0 if mine else g0, 3), round(n, 3)) for g0, n in gaps]
+        for g0, n in gaps_by_lane[idx]:
+            if n >= 0.06 * span:  # wide enough for its label
+                ax.text(g0 + n / 2, lane, f"idle {n:.1f}s", ha="center", va="center",
+                        fontsize=7, color="#707070")
+        # the rung (model, batch size) a lane ran, written where it changes
+        rungs, last = [], None
+        for b in mine:
+            if b.batch_size is None and b.failed:
+                continue  # (a failed item records no batch size: not a rung of its own)
+            if (b.model, b.batch_size) != last:
+                last = (b.model, b.batch_size)
+                rungs.append(last)
+                ax.text(b.start - t0, lane - H / 2 - 0.02, f"{b.model or '?'} b{b.batch_size or '?'}",
+                        fontsize=7, va="bottom", ha="left", color="#303030", clip_on=True)
+        rung = (" > ".join(f"{m or '?'} b{n or '?'}" for m, n in rungs[:3])
+                + (" > ..." if len(rungs) > 3 else ""))
+        ticks.append(f"[{idx}] {labels[idx]}" + (f" ({thr[idx]} thr)" if idx in thr else "")
+                     + (f"\n{rung}" if rung else ""))
+    ax.set_yticks(range(len(labels)), ticks, fontsize=8)
+    lanes = {idx: lane for lane, idx in enumerate(sorted(labels))}
+    if longest is not None and longest[1] in lanes:
+        item_id, slot, start, secs, n = longest
+        what = f"longest item: {item_id}" if n == 1 else f"longest batch: {item_id} +{n - 1}"
+        ax.annotate(f"{what} ({secs:.1f}s)", xy=(start - t0 + secs / 2,
+                    lanes[slot] + H / 2), xytext=(0, -2), textcoords="offset points",
+                    ha="center", va="top", fontsize=7, color="#202020")
+    handles = [Patch(color=COLOURS.get(k, "tab:blue"), label=f"batch ({k})")
+               for k in dict.fromkeys(kinds[i] for i in sorted(kinds))]
+    handles += [Patch(color=RETRIED_COLOUR, label="retried"),
+                Patch(color=FAILED_COLOUR, label="failed"),
+                Patch(facecolor=IDLE_COLOUR, edgecolor="#d0d0d0", hatch="///", label="idle")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.02 * len(
+        labels)), ncol=len(handles), fontsize="small", frameon=False)
+    ax.set_xlim(0, span * 1.01)
+    ax.set_ylim(len(labels) - 0.3, -0.6)  # slot 0 on top; room below for the longest's label
+    ax.set_xlabel("seconds since the first batch")
+    ax.set_title("runner timeline: one lane per worker slot, one bar per batch")
     fig.tight_layout()
-    with atomic_path(rundir.timeline) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+    return {"bars": drawn, "gaps": gaps_by_lane, "longest": longest, "span_s": span}
+
+
+def result_paths(rundir: RunDir, output_dir: str, failed: int) -> list[tuple[str, str]]:
+    """The paths a user copies next: the run dir, its outputs folder, and -- when items
+    failed -- its errors folder."""
+    paths = [("run dir", str(rundir.root)), ("outputs", str(rundir.output(output_dir)))]
+    if failed:
+        paths.append(("errors", str(rundir.errors)))
+    return paths
 
 
 def write(summary: dict[str, Any], rundir: RunDir) -> None:
@@ -199,6 +323,9 @@ def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, stop: EarlyStop
              "reuse": journal.get_meta("reuse")}  # reuse=: reused / new / changed / removed
     summary = summarize(ledger.stats, wall, counts, journal.failures(), extra, int(code),
                         status, ledger.notes, ctx.slots)
+    paths = result_paths(rundir, ctx.task.output_dir, counts["failed"])
+    summary.update({"run_dir": str(rundir.root), "outputs_dir": str(
+        rundir.output(ctx.task.output_dir)), "errors_dir": str(rundir.errors)})
     write(summary, rundir)
     labels = {s.index: s.label for s in ctx.slots}
     try:
@@ -223,4 +350,8 @@ def outcome(ctx: "RunContext", journal: Journal, ledger: Ledger, stop: EarlyStop
     elif counts["failed"]:
         print(f"runner: {counts['failed']} item(s) failed (errors in {rundir.errors}); "
               f"retry them with: {resume} resume.retry_failed=true", file=sys.stderr)
+    sys.stderr.flush()
+    # the last words: where the results are (what a user copies next)
+    for what, path in paths:
+        print(f"{what + ':':<9}{path}", flush=True)
     return code
