@@ -158,12 +158,40 @@ def _announce(task_function: Any) -> Any:
     return with_device_line
 
 
-def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
-    """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
+def _enter() -> None:
+    """A job process's first steps: its own process group (a terminal's Ctrl-C reaches the
+    launcher alone), Ctrl-C semantics back for what the launcher forwards, SIGTERM if the
+    launcher dies."""
     with contextlib.suppress(OSError):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # out of the terminal's group now
     _die_with_parent()
+
+
+def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
+    """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
+    _enter()
+    _run(payload, conn, job_dir, console_log)
+
+
+def spare_main(inbox: Any, conn: Any, task_ref: Any, console_log: bool) -> None:
+    """Entry point of a spare: a job process started ahead of its job while its device is
+    still busy (runner_launcher/_spares.py), so that interpreter start-up, Hydra's imports
+    and the task's module are done when the device frees. Its job arrives on ``inbox``
+    (pickled ``(payload, job_dir)``); EOF means it is not needed: it exits."""
+    _enter()
+    with contextlib.suppress(Exception):  # a task that cannot load fails in _run, as usual
+        task_ref.load()
+    try:
+        payload, job_dir = pickle.loads(inbox.recv_bytes())
+    except (EOFError, OSError):
+        return
+    finally:
+        inbox.close()
+    _run(payload, conn, job_dir, console_log)
+
+
+def _run(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
     if console_log:
         _redirect(job_dir)
     ctx, config, task_ref, state = pickle.loads(payload)

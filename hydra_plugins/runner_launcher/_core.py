@@ -38,7 +38,6 @@ import pickle
 import signal
 import sys
 import time
-import types
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -54,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.runner_launcher import _live, _pool, _resume
 from hydra_plugins.runner_launcher._child import TaskRef, job_main
+from hydra_plugins.runner_launcher._spares import Spares, without_main
 from runner import sweep as sweep_mod
 from runner.errors import ConfigError, ExitCode, describe
 from runner.processes import SignalCounter, exit_name, reap, spawn_environment
@@ -218,6 +218,8 @@ class _Loop:
         self.ctx_mp = get_context("spawn")
         self.state = None
         self.task = TaskRef.of(launcher.task_function)
+        # the next job's process, started while its lease is busy (_spares.py)
+        self.spares = Spares(self.ctx_mp, self.task, launcher.console_log)
 
     def run(self) -> None:
         self.state = Singleton.get_state()
@@ -226,6 +228,7 @@ class _Loop:
             self._loop()
         finally:
             self.signals.restore()
+            self.spares.close()
             for j in list(self.running.values()):  # only after an error in this loop
                 with contextlib.suppress(Exception):
                     j.process.kill()
@@ -294,13 +297,19 @@ class _Loop:
                 for key, value in lease.pins.items():
                     OmegaConf.update(cfg, key, value, merge=False)
         payload = cloudpickle.dumps((self.ctx, cfg, self.task, self.state))
-        parent_conn, child_conn = self.ctx_mp.Pipe(duplex=False)
-        proc = self.ctx_mp.Process(
-            target=job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
-            args=(payload, child_conn, job.record.dir, self.l.console_log))
-        with spawn_environment(lease.env), _without_main():
-            proc.start()
-        child_conn.close()
+        spare = self.spares.run(lease, payload, job.record.dir)
+        if spare is not None:
+            proc, parent_conn = spare
+        else:
+            parent_conn, child_conn = self.ctx_mp.Pipe(duplex=False)
+            proc = self.ctx_mp.Process(
+                target=job_main, name=f"runner-sweep-job-{job.record.num}", daemon=False,
+                args=(payload, child_conn, job.record.dir, self.l.console_log))
+            with spawn_environment(lease.env), without_main():
+                proc.start()
+            child_conn.close()
+        if len(self.pending) > len(self.free) and not self.stop_reason:
+            self.spares.start(lease)  # this lease's next job will not wait for a process
         job.process, job.conn, job.lease = proc, parent_conn, lease
         r = job.record
         r.state, r.device, r.pid, r.started, r.runs = (JobState.RUNNING, lease.label, proc.pid,
@@ -363,21 +372,6 @@ class _Loop:
                 self.live.message("runner launcher: fail_fast: no more jobs are started")
         self.record_sweep()
         self.live.update(self.view, self.keys, force=True)
-
-
-@contextlib.contextmanager
-def _without_main():
-    """spawn re-runs the parent's ``__main__`` script in the child (as ``__mp_main__``): a
-    script without a ``__main__`` guard would start Hydra again there, and any script costs
-    its imports twice. The child loads the task function itself (TaskRef), so the spawn
-    sees a bare ``__main__`` while it starts."""
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
 
 
 def _failed_return(job: _Job, message: str) -> JobReturn:
