@@ -20,8 +20,15 @@ composes the app's config (``conf/``, or ``--conf DIR_A [DIR_B]``) with each ove
 and compares the two results, so a reviewer sees what a change to a YAML file or to a
 command line does to the composed config.
 
-Plain text by default (paste it into a review); ``--json`` for scripts. Exit code 0, or 1
-with a one-line error when an input is not a run dir / cannot be composed.
+``--rev A[..B]`` reviews a change to ``conf/`` between two git revisions (B: the working
+tree): every group option and ``conf/review.yaml`` preset, composed and planned at both
+(runner/review.py).
+
+``--format text`` (default; paste it into a review), ``md`` (a PR comment: a headline and
+collapsible sections) or ``json`` (``--json``) for scripts. Exit code 0, or 1 with a one-line
+error when an input is not a run dir / cannot be composed / is no revision. ``--check``
+exits 1 when anything differs (for run dirs: config, versions or devices; a summary's
+timings differ between any two runs) and 2 on an error: a CI gate.
 """
 from __future__ import annotations
 
@@ -208,18 +215,164 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def md_cell(v: Any) -> str:
+    """A value in a Markdown table cell: code, pipes escaped."""
+    text = _show(v).replace("|", "\\|").replace("`", "'").replace("\n", " ")
+    return f"`{text}`"
+
+
+def md_table(rows: list[dict[str, Any]], a: str, b: str) -> list[str]:
+    out = [f"| key | {a} | {b} |", "|---|---|---|"]
+    return out + [f"| {md_cell(r['key'])} | {md_cell(r['a'])} | {md_cell(r['b'])} |"
+                  for r in rows]
+
+
+def render_md(doc: dict[str, Any]) -> str:
+    """Markdown for a PR comment: a headline, one collapsible table per section."""
+    changed = [(n, rows) for n, rows in doc["sections"].items() if rows]
+    head = ("no differences" if not changed else
+            ", ".join(f"{n} {len(rows)} key{'s' if len(rows) != 1 else ''}"
+                      for n, rows in changed) + " differ")
+    lines = [f"### runner diff: `{doc['a']}` → `{doc['b']}`", "", f"**{head}**", ""]
+    for name, rows in doc["sections"].items():
+        if not rows:
+            lines += [f"- {name}: same", ""]
+            continue
+        if name == "summary":
+            rows = [{**r, "b": f"{_show(r['b'])}{_change(r['a'], r['b'])}"} for r in rows]
+        lines += ["<details>", f"<summary><b>{name}</b>: {len(rows)} key"
+                               f"{'s' if len(rows) != 1 else ''}</summary>", ""]
+        lines += md_table(rows, "A", "B") + ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+#: sections --check looks at for run dirs: what was asked and where (a summary's timings
+#: differ between any two runs)
+CHECKED = ("config", "versions", "devices")
+
+
+def differs(doc: dict[str, Any]) -> bool:
+    """Whether --check fails: a revision review with any change, or run dirs / composed
+    configs with a difference in config, versions or devices."""
+    if doc.get("kind") == "rev":
+        return bool(doc["changes"])
+    return any(doc["sections"].get(s) for s in CHECKED)
+
+
+# ---- output of --rev (runner/review.py) -----------------------------------------------------
+def _counts(c: dict[str, Any]) -> str:
+    if c["status"] == "breaks":
+        return "does not compose at B"
+    if c["status"] == "fixed":
+        return "composes again at B (not at A)"
+    n, p = len(c["config"]), len(c["plan"])
+    what = f"{n} config key{'s' if n != 1 else ''}"
+    if c["status"] in ("added", "removed"):
+        kind = "option" if c["group"] else "preset"
+        return (f"new {kind} at B" if c["status"] == "added" else f"{kind} removed at B") + (
+            f", sets {what} vs the defaults" if n else "")
+    return what + f", {p} plan key{'s' if p != 1 else ''}"
+
+
+def _scope(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    presets = len(doc["presets"])
+    return (f"{doc['combinations']} combinations composed at both sides: the default config, "
+            f"every option of every group with the others at their defaults, and {presets} "
+            f"preset{'s' if presets != 1 else ''} from conf/review.yaml; {doc['schemas']}. "
+            f"Plans are dry runs for a machine with {m['cpu_cores']} CPU cores, {m['cuda']} "
+            f"CUDA and {m['xpu']} XPU cards (no devices probed).")
+
+
+def _errors(c: dict[str, Any], doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(doc[s], c[f"{s}_error"]) for s in ("a", "b") if c.get(f"{s}_error")]
+
+
+def render_rev_text(doc: dict[str, Any]) -> str:
+    lines = ["runner diff --rev", f"  A  {doc['a']}", f"  B  {doc['b']}", "",
+             doc["headline"], ""]
+    lines += [f"note: {n}" for n in doc["notes"]]
+    same = [c["label"] for c in doc["changes"] if c.get("as_default")]
+    for c in (c for c in doc["changes"] if not c.get("as_default")):
+        lines.append(f"{c['label']}: {_counts(c)}")
+        if c.get("plan_note"):
+            lines.append(f"  plan: {c['plan_note']}")
+        for side, err in _errors(c, doc):
+            lines.append(f"  at {side}: {err}")
+        for name in ("config", "plan"):
+            if c[name]:
+                lines.append(f"  {name}:")
+                width = min(40, max(len(r["key"]) for r in c[name]))
+                lines += [f"    {r['key']:<{width}}  {_show(r['a'])}  ->  {_show(r['b'])}"
+                          for r in c[name]]
+    if same:
+        lines.append(f"same change as the default: {', '.join(same)}")
+    lines += ["", _scope(doc)]
+    return "\n".join(lines) + "\n"
+
+
+def render_rev_md(doc: dict[str, Any]) -> str:
+    """Markdown for a PR comment: a headline, then one collapsible section per change."""
+    lines = [f"### Config review: `conf/` at A = {doc['a']} → B = {doc['b']}", "",
+             f"**{doc['headline']}**", ""]
+    lines += [f"> note: {n}" for n in doc["notes"]]
+    same = [c["label"] for c in doc["changes"] if c.get("as_default")]
+    for c in (c for c in doc["changes"] if not c.get("as_default")):
+        lines += ["<details>", f"<summary><b>{c['label']}</b>: {_counts(c)}</summary>", ""]
+        if c["overrides"]:
+            lines += [f"`python -m runner {c['overrides']}`", ""]
+        for side, err in _errors(c, doc):
+            lines += [f"- at {side}: {md_cell(err)}"]
+        if _errors(c, doc):
+            lines.append("")
+        if c["config"]:
+            base = " (B's defaults vs this option)" if c["status"] in ("added", "removed") else ""
+            lines += [f"**config**{base}", ""] + md_table(
+                c["config"], *(("defaults", "with it") if base else (doc["a"], doc["b"]))) + [""]
+        if c["plan"]:
+            lines += ["**plan** (dry run)", ""] + md_table(c["plan"], doc["a"], doc["b"]) + [""]
+        if c.get("plan_note"):
+            lines += [f"**plan** (dry run): {md_cell(c['plan_note'])}", ""]
+        lines += ["</details>", ""]
+    if same:
+        lines += [f"Same change as the default: {', '.join(same)}.", ""]
+    lines += [f"<sub>{_scope(doc)}</sub>"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runner.diff", description=__doc__.split("\n")[0])
-    p.add_argument("a", help="run dir, sweep job dir or YAML file (with --compose: overrides)")
-    p.add_argument("b", help="the other one")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = argparse.ArgumentParser(prog="python -m runner.diff",
+                                description=__doc__.split("\n", 1)[0])
+    p.add_argument("a", nargs="?", help="run dir, sweep job dir or YAML file "
+                                        "(with --compose: overrides)")
+    p.add_argument("b", nargs="?", help="the other one")
+    p.add_argument("--rev", metavar="A[..B]",
+                   help="review conf/ at git revision A against B (default: the working tree): "
+                        "every group option and conf/review.yaml preset, config and plan")
+    p.add_argument("--repo", metavar="PATH", default=".",
+                   help="with --rev: the git repository (default: the current directory)")
+    p.add_argument("--format", choices=("text", "md", "json"), default=None,
+                   help="text (default), md (a PR comment) or json")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when anything differs (a CI gate; errors exit 2)")
     p.add_argument("--compose", action="store_true",
                    help="A and B are override sets, composed with the app's config")
     p.add_argument("--conf", nargs="+", metavar="DIR",
                    help="with --compose: config dir for A (and B); default: the app's conf/")
     args = p.parse_args(argv)
+    fmt = args.format or ("json" if args.json else "text")
     try:
-        if args.compose:
+        if args.rev is not None:
+            if args.a or args.b or args.compose:
+                raise ConfigError("--rev A[..B] takes no run dirs or --compose")
+            from runner import review
+
+            doc = review.review(Path(args.repo), *review.parse_rev(args.rev))
+        elif args.a is None or args.b is None:
+            raise ConfigError("give two run dirs (or YAML files), --compose 'A' 'B', "
+                              "or --rev A[..B]")
+        elif args.compose:
             conf = args.conf or []
             doc = diff_compose(args.a, args.b, conf[0] if conf else None,
                                conf[1] if len(conf) > 1 else None)
@@ -227,10 +380,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             doc = diff_paths(Path(args.a), Path(args.b))
     except ConfigError as exc:
         print(f"runner diff: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(doc, indent=2, default=str) if args.json else render(doc), end="" if not
-          args.json else "\n")
-    return 0
+        return 2 if args.check else 1
+    if fmt == "json":
+        print(json.dumps(doc, indent=2, default=str))
+    elif doc.get("kind") == "rev":
+        print(render_rev_md(doc) if fmt == "md" else render_rev_text(doc), end="")
+    else:
+        print(render_md(doc) if fmt == "md" else render(doc), end="")
+    return 1 if args.check and differs(doc) else 0
 
 
 if __name__ == "__main__":

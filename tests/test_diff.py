@@ -122,3 +122,38 @@ def test_flatten_and_compare() -> None:
         {"key": "new.k", "a": diff.ABSENT, "b": None},
         {"key": "x.y", "a": 1, "b": 2},
     ]
+
+
+def test_markdown_and_check_for_two_yaml_files(capsys) -> None:
+    conf = ROOT / "conf" / "devices"
+    a, b = str(conf / "cpu2.yaml"), str(conf / "cpu4.yaml")
+    assert diff.main([a, b, "--format", "md"]) == 0
+    assert capsys.readouterr().out == (
+        f"### runner diff: `{a}` → `{b}`\n\n**config 2 keys differ**\n\n<details>\n"
+        "<summary><b>config</b>: 2 keys</summary>\n\n| key | A | B |\n|---|---|---|\n"
+        "| `count` | `2` | `4` |\n| `name` | `cpu2` | `cpu4` |\n\n</details>\n")
+    assert diff.main([a, b, "--check"]) == 1  # a CI gate: something differs
+    assert diff.main([a, a, "--check", "--format", "json"]) == 0
+    capsys.readouterr()
+    assert diff.main([a, "/nonexistent.yaml", "--check"]) == 2  # an error, not a difference
+
+
+@pytest.mark.timeout(60)
+def test_markdown_and_check_for_run_dirs(two_jobs, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    a, b = two_jobs
+    assert diff.main([str(a), str(b), "--format", "md", "--check"]) == 1  # batch_size differs
+    md = capsys.readouterr().out
+    assert md.startswith(f"### runner diff: `{a}` → `{b}`\n\n**config 1 key, summary ")
+    assert ("<summary><b>config</b>: 1 key</summary>\n\n| key | A | B |\n|---|---|---|\n"
+            "| `batch_size` | `1` | `2` |\n") in md
+    assert "- versions: same" in md and "- devices: same" in md and "%)`" in md
+    # only the summary's measurements differ: --check passes (what ran, and where, is the same)
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    summary = json.loads((c / "summary.json").read_text())
+    summary["wall_s"] = summary["wall_s"] * 2 + 1
+    (c / "summary.json").write_text(json.dumps(summary))
+    assert diff.main([str(a), str(c), "--check"]) == 0
+    assert "wall_s" in capsys.readouterr().out
