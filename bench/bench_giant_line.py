@@ -34,6 +34,9 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: make `tests` importable
+
+from tests.conftest import vm_hwm_kb  # noqa: E402
 BEFORE_COMMIT = "86381f6"  # the commit before the issue 16 work
 
 
@@ -69,13 +72,7 @@ def measure(cwd: Path, args: list[str], log: Path, timeout: float) -> dict:
                                 start_new_session=True)
         peak_kb, finished = 0, True
         while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("VmHWM:"):
-                            peak_kb = max(peak_kb, int(line.split()[1]))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+            peak_kb = max(peak_kb, vm_hwm_kb(proc.pid))
             if time.monotonic() - t0 > timeout:
                 finished = False
                 os.killpg(proc.pid, signal.SIGKILL)  # the controller and its workers

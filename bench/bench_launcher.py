@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp) / "app"
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
-        print(f"| launcher | job sleep s | jobs | sweep wall s | per-job overhead s |")
+        print("| launcher | job sleep s | jobs | sweep wall s | per-job overhead s |")
         print("|---|---|---|---|---|")
         for sleep_s in (0.1, 1.0):
             for name, launcher in LAUNCHERS.items():

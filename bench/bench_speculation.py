@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sqlite3
 import sys
 import tempfile

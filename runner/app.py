@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import shutil
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,8 +33,9 @@ from runner.plan import build as build_plan
 from runner.progress import make_progress
 from runner.processes import StopSignal, stop_signals_raise
 from runner.report import EarlyStop, outcome
-from runner.rundir import atomic_write_json, remove_stale_temps
+from runner.rundir import remove_stale_temps
 from runner.scheduler import Scheduler
+from runner.sweep import ExitStatus
 from runner.watch import Watcher
 from runner.ledger import Ledger
 
@@ -179,10 +180,7 @@ def _discover(ctx: RunContext, journal: Journal) -> intake.Intake:
         log.warning("%d item(s) changed since they were done or failed: made again (first: %s)",
                     found.changed, ", ".join(found.first_changed))
     if not ctx.cfg.dry_run:  # logs/errors/<name>.json: one per failure, bad input included
-        for b in found.bad:
-            atomic_write_json(ctx.rundir.error_file(journal.name_of(b.id)), {
-                "item": b.id, "where": b.where or None, "stage": "discovery",
-                "error": b.error, "time": time.time()})
+        intake.record_bad(ctx.rundir, journal, found.bad)
     return found
 
 
@@ -267,12 +265,10 @@ def note_exit_code(code: int) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-def _hydra_main(cfg: DictConfig) -> "ExitStatus":
+def _hydra_main(cfg: DictConfig) -> ExitStatus:
     code = run(cfg)
     note_exit_code(code)
-    from runner.sweep import ExitStatus  # typed: a sweep reads it as runner's exit code
-
-    return ExitStatus(int(code))
+    return ExitStatus(int(code))  # typed: a sweep reads it as runner's exit code
 
 
 def main() -> None:

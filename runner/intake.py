@@ -19,12 +19,14 @@ Memory stays flat in the number of items: one chunk and its journal rows at a ti
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterable
 
 from runner import names
 from runner.journal import Journal
+from runner.rundir import RunDir, atomic_write_json
 from runner.tasks.base import ON_CHANGED, ON_DUPLICATE, BadItem, ConfigError, Item
 
 CHUNK = 2000
@@ -220,3 +222,12 @@ def _repeated(journal: Journal, obj, old: tuple, seen: dict, found: Intake, on_d
     fields["id"] = new_id
     fields["name"] = ""  # named from its new id
     return kind(**fields)
+
+
+def record_bad(rundir: RunDir, journal: Journal, bad: Iterable[BadItem],
+               stage: str = "discovery") -> None:
+    """``logs/errors/<name>.json`` for each item found bad at discovery (or at a watch look)."""
+    for b in bad:
+        atomic_write_json(rundir.error_file(journal.name_of(b.id)), {
+            "item": b.id, "where": b.where or None, "stage": stage, "error": b.error,
+            "time": time.time()})

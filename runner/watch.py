@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from runner import intake
 from runner.journal import Journal
-from runner.rundir import atomic_write_json
 
 if TYPE_CHECKING:
     from runner.context import RunContext
@@ -65,10 +64,7 @@ class Watcher:
         taken = intake.take(self.journal, stable,
                             on_duplicate=getattr(self.ctx.task, "on_duplicate_id", "error"),
                             on_changed="requeue")
-        for b in taken.bad:
-            atomic_write_json(self.ctx.rundir.error_file(self.journal.name_of(b.id)), {
-                "item": b.id, "where": b.where or None, "stage": "discovery (watch)",
-                "error": b.error, "time": time.time()})
+        intake.record_bad(self.ctx.rundir, self.journal, taken.bad, "discovery (watch)")
         scheduler = self.replan()
         self.ledger.scheduler = scheduler
         count = self.journal.todo_stats()[0]

@@ -83,6 +83,18 @@ def stop_leftover(proc: Any) -> None:
         proc.wait()
 
 
+def vm_hwm_kb(pid: int) -> int:
+    """The peak resident memory (VmHWM, kB) of process ``pid`` so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

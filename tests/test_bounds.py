@@ -41,7 +41,7 @@ from runner.errors import ConfigError
 from runner.tasks import embed_input
 from runner.ranges import check_ranges, numeric_fields, show_number
 from runner.tasks.base import TaskConfig
-from tests.conftest import ROOT, cli, journal_statuses, only_run_dir, run_cli
+from tests.conftest import ROOT, cli, journal_statuses, only_run_dir, run_cli, vm_hwm_kb
 from tests.test_config import composed
 
 GIANT = 30_000_000  # bytes of one giant item (the case was 52 MB)
@@ -411,13 +411,7 @@ def _run_measured(args: list[str], log: Path, timeout: float) -> tuple[int, str,
         proc = subprocess.Popen(cli(args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         peak, deadline = 0, time.monotonic() + timeout
         while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("VmHWM:"):
-                            peak = max(peak, int(line.split()[1]))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+            peak = max(peak, vm_hwm_kb(proc.pid))
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
