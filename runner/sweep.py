@@ -167,6 +167,8 @@ def params(record: JobRecord, keys: Sequence[str]) -> dict[str, str]:
 
 
 def _summary(job_dir: str) -> dict[str, Any]:
+    if not job_dir:  # not composed yet: no dir
+        return {}
     try:
         return json.loads(RunDir(Path(job_dir)).summary.read_text())
     except (OSError, ValueError):

@@ -116,10 +116,12 @@ def test_four_jobs_on_two_cpu_slots_run_two_at_a_time(tmp_path: Path) -> None:
     windows = [item_window(Path(r["dir"])) for r in rows.values()]
     assert max_overlap(windows) == 2, windows
 
-    # a job starts as soon as a device frees up: job 2 took job 1's device while the long
-    # job 0 was still running (no waiting for a whole batch of jobs)
-    assert rows[2]["device"] == rows[1]["device"] != rows[0]["device"]
-    assert rows[1]["finished"] <= rows[2]["started"] < rows[0]["finished"]
+    # a job starts as soon as a device frees up: a waiting job (2 or 3: a job staged on the
+    # busy device's spare may be overtaken) took job 1's device while the long job 0 was
+    # still running (no waiting for a whole batch of jobs)
+    took = [k for k in (2, 3) if rows[k]["device"] == rows[1]["device"] != rows[0]["device"]
+            and rows[1]["finished"] <= rows[k]["started"] < rows[0]["finished"]]
+    assert took, rows
 
     # each job process saw its own lease's environment, and its `devices` is one CPU worker
     threads = max(1, len(os.sched_getaffinity(0)) // 2)

@@ -4,8 +4,8 @@ It starts with its lease's environment already in place (device mask, threads) a
 SIGINT ignored. It leaves the launcher's process group, so a terminal's Ctrl-C reaches the
 launcher alone (which forwards it, as the same signal), takes SIGINT back (Ctrl-C semantics
 for what the launcher forwards), and asks the kernel for SIGTERM if the launcher dies. Its
-stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own ``run_job`` after ``Singleton.set_state``: .hydra/, job logging and callbacks behave as
-under any launcher. A job that raises has its traceback logged through the job's own
+stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own ``run_job`` after
+``Singleton.set_state``: .hydra/, job logging and callbacks behave as under any launcher. A job that raises has its traceback logged through the job's own
 logging (its log file) and console.log the moment it fails. The JobReturn goes back to
 the launcher over a pipe, pickled with cloudpickle.
 
@@ -15,6 +15,11 @@ with an ``if __name__ == "__main__":`` guard), so its tracebacks show the user's
 line; by value (cloudpickle) only when it is not importable (a closure, a function made at
 run time) or the script has no guard (importing it would start Hydra again). The job's log
 gets one line saying which device the job holds.
+
+A spare (``spare_main``) is such a process started before its device is free; given a
+*staged* order it runs ``run_job``'s set-up (job dir, .hydra/, logging) at once and calls
+the task function only on :class:`Go`; on :class:`Cancel` it leaves, removing the job dir if
+it made it. Messages: _messages.py.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 import traceback
@@ -38,6 +44,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobStatus, run_job, setup_globals
 
+from hydra_plugins.runner_launcher._messages import Cancel, Common, Go, Order, Ready
 from runner.errors import describe
 from runner.rundir import SweepDir
 
@@ -168,34 +175,77 @@ def _enter() -> None:
     _die_with_parent()
 
 
-def job_main(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
-    """Entry point of a job process: Hydra's run_job, the JobReturn back to the parent."""
+def job_main(common: Common, order: Order, conn: Any) -> None:
+    """Entry point of a fresh job process: Hydra's run_job, the JobReturn back to the parent."""
     _enter()
-    _run(payload, conn, job_dir, console_log)
+    _run(common, order, conn, None, None)
 
 
-def spare_main(inbox: Any, conn: Any, task_ref: Any, console_log: bool) -> None:
+def spare_main(common: Common, inbox: Any, conn: Any) -> None:
     """Entry point of a spare: a job process started ahead of its job while its device is
-    still busy (runner_launcher/_spares.py), so that interpreter start-up, Hydra's imports
-    and the task's module are done when the device frees. Its job arrives on ``inbox``
-    (pickled ``(payload, job_dir)``); EOF means it is not needed: it exits."""
+    still busy (runner_launcher/_spares.py), so that interpreter start-up, Hydra's imports,
+    the task's module and the sweep's context are loaded when the device frees. It says
+    :class:`Ready`, then takes one :class:`Order` from ``inbox`` (EOF: not needed, it exits).
+    A staged order (``go=False``) runs Hydra's job set-up at once and waits for Go."""
     _enter()
-    with contextlib.suppress(Exception):  # a task that cannot load fails in _run, as usual
-        task_ref.load()
+    context = None
+    with contextlib.suppress(Exception):  # what cannot load fails in _run, as usual
+        common.task.load()
+        context = pickle.loads(common.context)
     try:
-        payload, job_dir = pickle.loads(inbox.recv_bytes())
+        conn.send_bytes(pickle.dumps(Ready(os.getpid())))
+        order = _next_message(inbox)
     except (EOFError, OSError):
         return
+    if not isinstance(order, Order):
+        return
+    try:
+        _run(common, order, conn, inbox, context)
+    except _Cancelled:
+        pass
     finally:
         inbox.close()
-    _run(payload, conn, job_dir, console_log)
 
 
-def _run(payload: bytes, conn: Any, job_dir: str, console_log: bool) -> None:
-    if console_log:
-        _redirect(job_dir)
-    ctx, config, task_ref, state = pickle.loads(payload)
-    task_function = _announce(task_ref.load())
+class _Cancelled(BaseException):
+    """A staged job told not to run here (a BaseException: run_job lets it through)."""
+
+
+def _next_message(inbox: Any) -> Any:
+    """The next message on ``inbox``; waits in 1 s steps (the launcher's death ends this
+    process through PR_SET_PDEATHSIG); EOF raises EOFError."""
+    while not inbox.poll(1.0):
+        pass
+    return pickle.loads(inbox.recv_bytes())
+
+
+def _gated(task_function: Any, inbox: Any, job_dir: str, made_dir: bool) -> Any:
+    """``task_function``, run only once the launcher says Go (a staged job)."""
+
+    def when_go(cfg: Any) -> Any:
+        try:
+            msg = _next_message(inbox)
+        except (EOFError, OSError):
+            msg = Cancel("the launcher closed the pipe")
+        if not isinstance(msg, Go):
+            if made_dir:  # nothing of this job stays behind: it runs elsewhere or not at all
+                os.chdir("/")
+                shutil.rmtree(job_dir, ignore_errors=True)
+            raise _Cancelled()
+        return task_function(cfg)
+
+    return when_go
+
+
+def _run(common: Common, order: Order, conn: Any, inbox: Any, context: Any) -> None:
+    made_dir = not os.path.exists(order.job_dir)
+    if common.console_log:
+        _redirect(order.job_dir)
+    ctx, state = context if context is not None else pickle.loads(common.context)
+    config = pickle.loads(order.config)
+    task_function = _announce(common.task.load())
+    if not order.go:
+        task_function = _gated(task_function, inbox, order.job_dir, made_dir)
     setup_globals()
     Singleton.set_state(state)
     HydraConfig.instance().set_config(config)

@@ -138,7 +138,7 @@ def job_overrides(old: JobRecord, overrides: Sequence[str]) -> list[str]:
     """The rerun job's overrides: its own, with resume.run pointing at its own journal."""
     out = [o for o in overrides if sweep_mod.split_override(o)[0] != "resume.run"]
     d = Path(old.dir)
-    if RunDir(d).journal.is_file() and RunDir(d).task_config.is_file():
+    if old.dir and RunDir(d).journal.is_file() and RunDir(d).task_config.is_file():
         out.append("resume.run=" + _quote(str(d)))
     return out
 

@@ -57,6 +57,17 @@ class RunnerLauncherConf:
     # runner jobs (items/s, RTF), none for other apps.
     best: str = "auto"
     best_key: Optional[str] = None
+    # Job processes started ahead for each busy device (each job still gets a fresh process
+    # of its own): they import, load the task, then take the next job staged (Hydra's job
+    # set-up done, the task function waiting for the device). null: one, two once jobs on
+    # that device end sooner than a process starts; 0: none (a job's process starts when
+    # its device frees). No staging when the app has Hydra callbacks.
+    spares: Optional[int] = None
+    # Where job processes come from. forkserver: per device, a server started once with the
+    # device's environment, Hydra and the task's module imported, forks each job's process
+    # (~10 ms instead of a new interpreter); spawn: a new interpreter per job. null:
+    # forkserver where the OS has it. Use spawn if the task's module touches a GPU at import.
+    start_method: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="runner", node=RunnerLauncherConf,

@@ -22,7 +22,8 @@ class RunnerLauncher(Launcher):
                  live_every_s: float = 10.0, console_log: bool = True,
                  devices: Optional[str] = None, ids: Any = None, jobs_per_device: int = 1,
                  threads_per_job: Optional[int] = None, best: str = "auto",
-                 best_key: Optional[str] = None, **_: Any) -> None:
+                 best_key: Optional[str] = None, spares: Optional[int] = None,
+                 start_method: Optional[str] = None, **_: Any) -> None:
         # checked in launch() (check_settings), where a bad one is a one-line error
         self.max_parallel = max_parallel
         self.devices = devices
@@ -31,6 +32,8 @@ class RunnerLauncher(Launcher):
         self.threads_per_job = threads_per_job
         self.best = best
         self.best_key = best_key
+        self.spares = spares
+        self.start_method = start_method
         self.stagger_s = stagger_s
         self.fail_fast = bool(fail_fast)
         self.poll_s = poll_s
@@ -73,6 +76,12 @@ class RunnerLauncher(Launcher):
                                 or not all(whole(i, 0) for i in ids)):
             return (f"hydra.launcher.ids={ids!r} must be a list of card ids like [0,2] "
                     f"or null (every card)")
+        if self.spares is not None and not (whole(self.spares, 0) and self.spares <= 8):
+            return (f"hydra.launcher.spares={self.spares!r} must be an integer from 0 to 8 "
+                    f"or null (one ahead per busy device, two for short jobs)")
+        if self.start_method not in (None, "forkserver", "spawn"):
+            return (f"hydra.launcher.start_method={self.start_method!r} is not one of "
+                    f"forkserver, spawn (or null: forkserver where the OS has it)")
         if self.best not in BEST_MODES:
             return f"hydra.launcher.best={self.best!r} is not one of {', '.join(BEST_MODES)}"
         return None

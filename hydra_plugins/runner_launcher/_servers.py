@@ -1,0 +1,167 @@
+"""Per-lease fork servers: where job processes come from (``hydra.launcher.start_method``).
+
+``forkserver`` (the default where the OS has it): each lease gets a multiprocessing fork
+server of its own, started once with that lease's environment in place (device mask,
+threads, ``RUNNER_SWEEP_DEVICE``) and Hydra, the launcher's child module and the task's
+module imported. Every job process of the lease is forked from it (~10 ms, against
+~0.15-0.3 s for a new interpreter that imports Hydra): still a fresh process per job, with
+the lease's environment from its first instruction, its own pid, sentinel and exit code
+(multiprocessing's forkserver machinery: the server reports both). The server never
+touches a device; a task module that initialises CUDA when imported must use ``spawn``.
+
+``spawn``: a new interpreter per job process, started with the lease's environment.
+
+Both give a ``multiprocessing.Process``: the launcher's loop cannot tell them apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import sys
+import time
+import types
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import ForkServerProcess, set_spawning_popen
+from typing import Any, Iterator
+
+from runner.processes import spawn_environment
+
+START_METHODS = ("forkserver", "spawn")
+# imported by every lease's server before it forks anything (an ImportError is ignored)
+PRELOAD = ["hydra_plugins.runner_launcher._child", "hydra._internal.config_loader_impl",
+           "hydra._internal.callbacks", "hydra.core.utils", "omegaconf", "cloudpickle"]
+STOP_WAIT_S = 5.0
+
+
+def default_start_method() -> str:
+    """forkserver where fds can be passed between processes (Linux, macOS), else spawn."""
+    return "forkserver" if reduction.HAVE_SEND_HANDLE else "spawn"
+
+
+@contextlib.contextmanager
+def without_main() -> Iterator[None]:
+    """spawn re-runs the parent's ``__main__`` script in the child (as ``__mp_main__``): a
+    script without a ``__main__`` guard would start Hydra again there, and any script costs
+    its imports twice. The child loads the task function itself (TaskRef), so the spawn
+    sees a bare ``__main__`` while it starts."""
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+class _LeasePopen(popen_forkserver.Popen):
+    """multiprocessing's forkserver Popen, asking the lease's own server (CPython 3.11's
+    ``_launch`` with ``self.server`` in place of the module's single server)."""
+
+    server: forkserver.ForkServer
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = self.server.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class Servers:
+    """One fork server per lease (``forkserver``), or plain spawns (``spawn``)."""
+
+    def __init__(self, method: str, ctx_mp: Any, task_ref: Any):
+        self.method, self.ctx_mp = method, ctx_mp
+        self.preload = list(PRELOAD)
+        if task_ref.module:
+            self.preload.append(task_ref.module)
+        self.with_main = task_ref.path is not None and task_ref.by_value is None
+        if self.with_main:  # the script (it has a __main__ guard) as __mp_main__
+            self.preload.append("__main__")
+        self.servers: dict[int, forkserver.ForkServer] = {}
+
+    def process(self, lease: Any, target: Any, args: tuple, name: str) -> Any:
+        """A started process running ``target(*args)`` with ``lease``'s environment."""
+        if self.method == "spawn":
+            proc = self.ctx_mp.Process(target=target, name=name, daemon=False, args=args)
+            with spawn_environment(lease.env), without_main():
+                proc.start()
+            return proc
+        server = self._server(lease)
+        proc = ForkServerProcess(target=target, name=name, daemon=False, args=args)
+
+        def popen(process_obj: Any) -> Any:
+            del process_obj._Popen  # the process object is pickled next: not this closure
+            p = _LeasePopen.__new__(_LeasePopen)
+            p.server = server
+            p.__init__(process_obj)
+            return p
+
+        proc._Popen = popen  # this process asks the lease's server
+        with without_main():  # the job loads its task itself (no __main__ re-run)
+            proc.start()
+        return proc
+
+    def _server(self, lease: Any) -> forkserver.ForkServer:
+        server = self.servers.get(lease.index)
+        if server is None:
+            server = forkserver.ForkServer()
+            server.set_forkserver_preload(self.preload)
+            with spawn_environment(lease.env), self._main_for_server():
+                server.ensure_running()
+            self.servers[lease.index] = server
+        return server
+
+    @contextlib.contextmanager
+    def _main_for_server(self) -> Iterator[None]:
+        if self.with_main:
+            yield
+        else:
+            with without_main():
+                yield
+
+    def close(self) -> None:
+        """Stop every server (they exit on EOF of their alive pipe); never waits longer
+        than STOP_WAIT_S for one."""
+        for server in self.servers.values():
+            _stop(server)
+        self.servers.clear()
+
+
+def _stop(server: forkserver.ForkServer) -> None:
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.close(server._forkserver_alive_fd)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+    address = server._forkserver_address
+    if address and not util.is_abstract_socket_namespace(address):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
