@@ -6,7 +6,8 @@ Each launcher runs the same N jobs one at a time (runner: max_parallel=1 on CPU;
 n_jobs=1), so ``(sweep wall - N x job sleep) / N`` is what the launcher adds per job:
 process start, imports, config, logging, the result back. The sweep's fixed start-up
 (Hydra composing the sweep, the app's own imports) is measured with a 1-job sweep and
-taken off.
+taken off. Each launcher's overhead is also printed as a ratio to joblib's (the target:
+<= 1).
 
     .venv/bin/python bench/bench_launcher.py [--jobs 6] [--repeat 2]
 """
@@ -22,11 +23,19 @@ import time
 from pathlib import Path
 
 APP = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "any_app"
-LAUNCHERS = {
-    "basic": ["hydra/launcher=basic"],
+LAUNCHERS = {  # joblib first: the others' ratios are to its overhead
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
+    "basic": ["hydra/launcher=basic"],
     "runner": ["hydra/launcher=runner", "hydra.launcher.devices=cpu",
                "hydra.launcher.max_parallel=1", "hydra.launcher.live=off"],
+    # the same without its fork server (a new interpreter per job process), and without
+    # spares (each job's process started when the device frees, nothing staged)
+    "runner start_method=spawn": ["hydra/launcher=runner", "hydra.launcher.devices=cpu",
+                                  "hydra.launcher.max_parallel=1", "hydra.launcher.live=off",
+                                  "hydra.launcher.start_method=spawn"],
+    "runner spares=0": ["hydra/launcher=runner", "hydra.launcher.devices=cpu",
+                        "hydra.launcher.max_parallel=1", "hydra.launcher.live=off",
+                        "hydra.launcher.spares=0"],
 }
 
 
@@ -53,16 +62,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp) / "app"
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
-        print("| launcher | job sleep s | jobs | sweep wall s | per-job overhead s |")
-        print("|---|---|---|---|---|")
+        print("| launcher | job sleep s | jobs | sweep wall s | per-job overhead s | vs joblib |")
+        print("|---|---|---|---|---|---|")
         for sleep_s in (0.1, 1.0):
+            per_job: dict[str, float] = {}
             for name, launcher in LAUNCHERS.items():
                 base = min(sweep_wall(app, launcher, 1, sleep_s) for _ in range(args.repeat))
                 wall = min(sweep_wall(app, launcher, args.jobs, sleep_s)
                            for _ in range(args.repeat))
-                per = (wall - base - (args.jobs - 1) * sleep_s) / (args.jobs - 1)
-                print(f"| {name} | {sleep_s} | {args.jobs} | {wall:.2f} | {per:.3f} |",
-                      flush=True)
+                per_job[name] = (wall - base - (args.jobs - 1) * sleep_s) / (args.jobs - 1)
+                ratio = (f"{per_job[name] / per_job['joblib']:.2f}"
+                         if per_job.get("joblib", 0) > 0 else "-")
+                print(f"| {name} | {sleep_s} | {args.jobs} | {wall:.2f} | {per_job[name]:.3f} "
+                      f"| {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

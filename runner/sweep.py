@@ -80,11 +80,40 @@ def plain_value(value: Any) -> Any:
 
 
 class JobState(str, Enum):
+    """A sweep job's state in sweep.json. Legal moves (:func:`check_job_move`)::
+
+        PENDING --its process got the device--> RUNNING --returned 0 / a value--> OK
+           |                                       +--raised, killed, exit code != 0--> FAILED
+           +--its config does not compose--> FAILED
+           +--fail_fast or an interrupt first--> NOT_STARTED
+        any state but OK --a resume reruns it--> PENDING
+    """
+
     PENDING = "pending"  # not handed out yet
     RUNNING = "running"
     OK = "ok"  # returned exit code 0 (or, for a non-runner app, returned normally)
     FAILED = "failed"  # exception, process killed, or a nonzero exit code (see reason)
     NOT_STARTED = "not started"  # fail_fast or an interrupt stopped the sweep first
+
+
+_JOB_MOVES: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.PENDING, JobState.RUNNING, JobState.FAILED,
+                                 JobState.NOT_STARTED}),
+    JobState.RUNNING: frozenset({JobState.OK, JobState.FAILED, JobState.PENDING}),
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.NOT_STARTED: frozenset({JobState.PENDING}),
+    JobState.OK: frozenset(),
+}
+
+
+class IllegalJobMove(RuntimeError):
+    pass
+
+
+def check_job_move(old: JobState, new: JobState) -> None:
+    """The one place that says which moves of a sweep job are legal."""
+    if new not in _JOB_MOVES[old]:
+        raise IllegalJobMove(f"sweep job state {old.value} -> {new.value} is not allowed")
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,10 @@ class JobRecord:
     started: Optional[float] = None  # epoch seconds (launcher's clock)
     finished: Optional[float] = None
     runs: int = 0  # how many times it was started (a resume adds one)
+
+    def move(self, new: JobState) -> None:
+        check_job_move(self.state, new)
+        self.state = new
 
     @property
     def wall_s(self) -> Optional[float]:

@@ -96,7 +96,7 @@ def test_cpu_slots_values_and_best(app: Path) -> None:
     assert max_overlap([(v["start"], v["end"]) for v in views]) == 2
     # the job's config is the app's own, nothing added; its log says which device it held
     cfg = OmegaConf.load(Path(rows[0]["dir"]) / ".hydra" / "config.yaml")
-    assert set(cfg) == {"lr", "sleep_s", "returns"}
+    assert set(cfg) == {"lr", "sleep_s", "returns", "hold"}
     assert "this job holds cpu:" in (Path(rows[0]["dir"]) / "train.log").read_text()
     md = (app / "sweep" / "sweep.md").read_text()
     assert "| job | lr | device | status | wall s | value | best |" in md, md
@@ -156,6 +156,9 @@ def test_an_app_devices_dict_is_not_rewritten(app: Path, tmp_path: Path) -> None
     (["hydra.launcher.devices=gpu"], 0, "hydra.launcher.devices='gpu' is not one of"),
     (["hydra.launcher.jobs_per_device=0"], 0, "hydra.launcher.jobs_per_device=0 must be"),
     (["hydra.launcher.best=highest"], 0, "hydra.launcher.best='highest' is not one of"),
+    (["hydra.launcher.start_method=fork"], 0,
+     "hydra.launcher.start_method='fork' is not one of forkserver, spawn"),
+    (["hydra.launcher.spares=-1"], 0, "hydra.launcher.spares=-1 must be an integer from 0 to 8"),
 ])
 def test_a_bad_pool_is_one_line(app: Path, tmp_path: Path, args, cards, says) -> None:
     env = fake_gpus(tmp_path, cards) if cards else None

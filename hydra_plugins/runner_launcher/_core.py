@@ -104,7 +104,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         ovr = _resume.job_overrides(old, overrides) if old else list(overrides)
         num = old.num if old else initial_job_idx + i
         record = old or JobRecord(num, _resume.own_overrides(overrides), "")
-        record.state, record.reason, record.exit_code = JobState.PENDING, "", None
+        record.move(JobState.PENDING)  # a resume reruns what is not ok
+        record.reason, record.exit_code = "", None
         record.value = None
         record.started = record.finished = record.pid = None
         jobs.append(_Job(i, ovr, functools.partial(_compose, ctx, config, ovr, record), record))

@@ -101,15 +101,16 @@ class _Loop:
         finally:
             self.signals.restore()
             self.spares.close()
-            self.servers.close()
             for j in list(self.running.values()):  # only after an error in this loop
                 with contextlib.suppress(Exception):
                     j.process.kill()
                     j.process.join(5)
                 self._finish(j)
+            self.servers.close()  # after the jobs: each reports its exit through its server
             why = self.stop_reason or "the launcher stopped"
             for j in self.pending:
-                j.record.state, j.record.reason = JobState.NOT_STARTED, why
+                j.record.move(JobState.NOT_STARTED)
+                j.record.reason = why
                 j.ret = _failed_return(j, f"job {j.record.num} was not started: {why}")
             self.pending.clear()
             self.live.update(self.view, self.keys)
@@ -223,7 +224,8 @@ class _Loop:
             return True
         except Exception as exc:  # Hydra's errors for a bad override, an interpolation
             r = job.record
-            r.state, r.reason = JobState.FAILED, f"its config does not compose: {describe(exc, 300)}"
+            r.move(JobState.FAILED)
+            r.reason = f"its config does not compose: {describe(exc, 300)}"
             job.ret = _failed_return(job, f"job {r.num} ({' '.join(r.overrides)}) {r.reason}")
             self._failed(job)
             return False
@@ -262,8 +264,8 @@ class _Loop:
         job.process, job.conn, job.lease = proc, conn, lease
         job.launched_at = time.monotonic()
         r = job.record
-        r.state, r.device, r.pid, r.started, r.runs = (JobState.RUNNING, lease.label, proc.pid,
-                                                       time.time(), r.runs + 1)
+        r.move(JobState.RUNNING)
+        r.device, r.pid, r.started, r.runs = lease.label, proc.pid, time.time(), r.runs + 1
         self.running[r.num] = job
         if len(self.pending) > len(self.free) and not self.stop_reason:
             self.spares.top_up(lease)  # this lease's next jobs will not wait for a process
@@ -313,19 +315,21 @@ class _Loop:
             why = r.reason or (f"killed by {exit_name(job.process.exitcode)}"
                                if (job.process.exitcode or 0) < 0 else
                                f"ended with {exit_name(job.process.exitcode)} before returning")
-            r.state, r.reason = JobState.FAILED, why
+            r.move(JobState.FAILED)
+            r.reason = why
             job.ret = _failed_return(job, f"job {r.num} ({' '.join(r.overrides)}) {why}; "
                                           f"see {SweepDir.console_log(r.dir)}")
         elif ret.status == JobStatus.COMPLETED:
             value = ret._return_value
             code = value.code if isinstance(value, ExitStatus) else None
             r.exit_code, r.value = code, plain_value(value) if code is None else None
-            r.state = JobState.OK if not code else JobState.FAILED
+            r.move(JobState.OK if not code else JobState.FAILED)
             r.reason = "" if not code else ExitCode.describe(code)
             job.ret = ret
         else:
             exc = ret._return_value
-            r.state, r.reason = JobState.FAILED, describe(exc, 300)
+            r.move(JobState.FAILED)
+            r.reason = describe(exc, 300)
             err = JobFailed(f"job {r.num} ({' '.join(r.overrides)}) raised {describe(exc, 300)}; "
                             f"traceback in {SweepDir.console_log(r.dir)} and the job's log")
             err.__cause__ = exc if isinstance(exc, BaseException) else None
