@@ -11,7 +11,10 @@ with the example app (tests/fixtures/any_app) on CPU slots, for both start metho
 * two devices, a long job on one: a job staged on the long job's device is taken back and
   runs on the device that freed (no waiting behind the long job);
 * an interrupt while jobs are staged: they are not started, their dirs are gone, the sweep
-  says so and exits 130.
+  says so and exits non-zero;
+* the launcher SIGKILLed: its running job and staged spares end too (both start methods);
+* a lease's fork server SIGKILLed: its job fails saying so, the next jobs run in a new
+  server with the lease's environment.
 """
 from __future__ import annotations
 
@@ -169,3 +172,67 @@ def test_spare_and_job_states_refuse_illegal_moves() -> None:
                      (JobState.PENDING, JobState.OK)]:
         with pytest.raises(IllegalJobMove):
             check_job_move(old, new)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_jobs_end_when_the_launcher_is_killed(app: Path, tmp_path: Path, method: str) -> None:  # noqa: F811,E501
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "0.1").write_text("")  # job 0 runs until killed
+    proc = start_app(app, "lr=0.1,0.2,0.3", f"hold={hold}", "hydra.launcher.max_parallel=1",
+                     f"hydra.launcher.start_method={method}")
+    try:
+        wait_for(lambda: (app / "sweep" / "1" / ".hydra" / "config.yaml").is_file(), proc=proc)
+        left = holders_of(app / "sweep")  # job 0 and the spare with job 1 staged
+        assert len(left) >= 2, left
+        proc.kill()  # SIGKILL: the launcher gets no say
+        proc.communicate(timeout=30)
+        wait_for(lambda: not any(alive(p) for p in left), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def fork_servers(parent: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and "multiprocessing.forkserver" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_a_dead_fork_server_is_started_again_with_its_devices_environment(
+        app: Path, tmp_path: Path) -> None:  # noqa: F811
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "0.1").write_text("")
+    proc = start_app(app, "lr=0.1,0.2,0.3", f"hold={hold}", "hydra.launcher.max_parallel=1")
+    try:
+        wait_for(lambda: (app / "sweep" / "1" / ".hydra" / "config.yaml").is_file(), proc=proc)
+        servers = fork_servers(proc.pid)
+        assert len(servers) == 1, servers
+        os.kill(servers[0], signal.SIGKILL)  # its jobs get SIGTERM (their parent died)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = jobs(app)
+    assert rows[0]["state"] == "failed" and "fork server died" in rows[0]["reason"], rows[0]
+    assert [rows[n]["state"] for n in (1, 2)] == ["ok", "ok"], rows
+    for n in (1, 2):  # the new server had the lease's environment
+        assert seen(rows[n])["env"]["RUNNER_SWEEP_DEVICE"] == "cpu:0"
+        assert seen(rows[n])["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert proc.returncode == 1

@@ -36,6 +36,7 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Optional
 
@@ -167,11 +168,19 @@ def _announce(task_function: Any) -> Any:
 
 def _enter() -> None:
     """A job process's first steps: its own process group (a terminal's Ctrl-C reaches the
-    launcher alone), Ctrl-C semantics back for what the launcher forwards, SIGTERM if the
-    launcher dies."""
+    launcher alone), Ctrl-C semantics back for what the launcher forwards, SIGTERM if its
+    parent dies: the launcher, or the lease's fork server (which exits when the launcher
+    does -- once no job holds the launcher's end of its "alive" pipe, so a forked job lets
+    go of the copy it inherited)."""
     with contextlib.suppress(OSError):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # out of the terminal's group now
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:  # forked by a fork server: this job starts no processes through it
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        server._forkserver_alive_fd = None
     _die_with_parent()
 
 

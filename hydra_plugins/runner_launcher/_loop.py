@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from hydra_plugins.runner_launcher import _live, _pool
 from hydra_plugins.runner_launcher._child import TaskRef, job_main
 from hydra_plugins.runner_launcher._messages import Common, Order
-from hydra_plugins.runner_launcher._servers import Servers, default_start_method
+from hydra_plugins.runner_launcher._servers import Servers, default_start_method, server_lost
 from hydra_plugins.runner_launcher._spares import Hooks, Spare, Spares
 from runner import sweep as sweep_mod
 from runner.errors import ExitCode, describe
@@ -312,7 +312,9 @@ class _Loop:
                 ret = None
                 r.reason = f"its result could not be read ({exc.__class__.__name__}: {exc})"
         if ret is None:
-            why = r.reason or (f"killed by {exit_name(job.process.exitcode)}"
+            why = r.reason or ("its device's fork server died (its jobs get SIGTERM with it)"
+                               if server_lost(job.process) else
+                               f"killed by {exit_name(job.process.exitcode)}"
                                if (job.process.exitcode or 0) < 0 else
                                f"ended with {exit_name(job.process.exitcode)} before returning")
             r.move(JobState.FAILED)

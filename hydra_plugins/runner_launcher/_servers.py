@@ -9,6 +9,11 @@ the lease's environment from its first instruction, its own pid, sentinel and ex
 (multiprocessing's forkserver machinery: the server reports both). The server never
 touches a device; a task module that initialises CUDA when imported must use ``spawn``.
 
+Lifetimes: a server exits when the launcher does (EOF on its "alive" pipe; each forked job
+closes its inherited copy of the launcher's end); its jobs get SIGTERM when it dies (their
+parent). A server that died is started again, with its lease's environment, for the next
+job; the jobs it took with it are failed with that reason.
+
 ``spawn``: a new interpreter per job process, started with the lease's environment.
 
 Both give a ``multiprocessing.Process``: the launcher's loop cannot tell them apart.
@@ -77,6 +82,26 @@ class _LeasePopen(popen_forkserver.Popen):
             f.write(buf.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
 
+    server_lost = False  # the server went before it could report this process's exit
+
+    def poll(self, flag: int = os.WNOHANG) -> Any:
+        if self.returncode is None:
+            from multiprocessing.connection import wait
+
+            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+                return None
+            try:
+                self.returncode = forkserver.read_signed(self.sentinel)
+            except (OSError, EOFError):
+                self.server_lost, self.returncode = True, 255
+        return self.returncode
+
+
+def server_lost(proc: Any) -> bool:
+    """``proc``'s fork server died before it reported how ``proc`` ended (its jobs get
+    SIGTERM when it dies: their parent is gone)."""
+    return bool(getattr(getattr(proc, "_popen", None), "server_lost", False))
+
 
 class Servers:
     """One fork server per lease (``forkserver``), or plain spawns (``spawn``)."""
@@ -109,7 +134,10 @@ class Servers:
             return p
 
         proc._Popen = popen  # this process asks the lease's server
-        with without_main():  # the job loads its task itself (no __main__ re-run)
+        # the job loads its task itself (no __main__ re-run); the lease's environment is in
+        # place in case the server has to be started again (it died): it is started with
+        # whatever environment this process has then
+        with spawn_environment(lease.env), without_main():
             proc.start()
         return proc
 
