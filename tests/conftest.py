@@ -51,7 +51,14 @@ def start_run(args: Sequence[str], **kw: Any) -> "subprocess.Popen[str]":
     kw.setdefault("env", _env())
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
+    # Ctrl-C as a terminal delivers it: the suite may itself run with SIGINT ignored (a
+    # shell's background job), which a child would inherit
+    kw.setdefault("preexec_fn", _default_sigint)
     return subprocess.Popen(cli(args), text=True, start_new_session=True, **kw)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 60.0, *, proc: Any = None,
@@ -295,3 +302,4 @@ def check_consistent(run_dir: Path, count: int, finished: bool = True) -> dict[s
             assert r["error"], f"{i} failed without an error"
             assert (Path(run_dir) / "logs" / "errors" / f"{names.component(i)}.json").is_file(), i
     return rows
+

@@ -18,7 +18,7 @@ with the example app (tests/fixtures/any_app) on CPU slots, for both start metho
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +38,22 @@ def start_app(app: Path, *args: str) -> subprocess.Popen:  # noqa: F811
                              "hydra.launcher.live=off", "hydra.launcher.devices=cpu", *args],
                             cwd=app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@contextlib.contextmanager
+def held_sweep(app: Path, tmp_path: Path, *args: str):  # noqa: F811
+    """A sweep of ``args`` whose job with lr=0.1 runs until ``release()``; killed if it is
+    still running when the block ends. Yields (process, release)."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "0.1").write_text("")
+    proc = start_app(app, f"hold={hold}", *args)
+    try:
+        yield proc, (hold / "0.1").unlink
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
 
 
 def wait_for(what, timeout: float = 60.0, proc: subprocess.Popen | None = None):
@@ -90,22 +106,16 @@ def test_one_device_jobs_are_staged_in_fresh_processes(app: Path, method: str) -
 
 
 def test_a_staged_spare_killed_gives_its_job_back(app: Path, tmp_path: Path) -> None:  # noqa: F811
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "0.1").write_text("")  # job 0 runs until this goes
-    proc = start_app(app, "lr=0.1,0.2,0.3", f"hold={hold}", "hydra.launcher.max_parallel=1")
-    try:
+    with held_sweep(app, tmp_path, "lr=0.1,0.2,0.3", "hydra.launcher.max_parallel=1") \
+            as (proc, release):
         job1 = app / "sweep" / "1"
         wait_for(lambda: (job1 / ".hydra" / "config.yaml").is_file(), proc=proc)
         victims = wait_for(lambda: holders_of(job1 / "console.log"), proc=proc)
         assert len(victims) == 1
         os.kill(victims[0], signal.SIGKILL)
         time.sleep(0.3)
-        (hold / "0.1").unlink()
+        release()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err[-3000:]
     rows = jobs(app)
     assert [rows[n]["state"] for n in range(3)] == ["ok"] * 3, rows
@@ -113,21 +123,14 @@ def test_a_staged_spare_killed_gives_its_job_back(app: Path, tmp_path: Path) -> 
 
 
 def test_a_job_staged_behind_a_long_job_runs_on_the_free_device(app: Path, tmp_path: Path) -> None:  # noqa: F811,E501
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "0.1").write_text("")  # job 0 (cpu:0) runs until its file goes
-    proc = start_app(app, "lr=0.1,0.2,0.3,0.4", "sleep_s=0.5", f"hold={hold}",
-                     "hydra.launcher.max_parallel=2")
-    try:
+    with held_sweep(app, tmp_path, "lr=0.1,0.2,0.3,0.4", "sleep_s=0.5",
+                    "hydra.launcher.max_parallel=2") as (proc, release):
         # every other job ends while job 0 still runs: none waits behind it
         wait_for(lambda: all((app / "sweep" / str(n) / "seen.json").is_file() for n in (1, 2, 3)),
                  timeout=90, proc=proc)
         assert not (app / "sweep" / "0" / "seen.json").is_file()
-        (hold / "0.1").unlink()
+        release()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err[-3000:]
     rows = jobs(app)
     assert all(rows[n]["state"] == "ok" for n in range(4))
@@ -136,17 +139,11 @@ def test_a_job_staged_behind_a_long_job_runs_on_the_free_device(app: Path, tmp_p
 
 
 def test_an_interrupt_leaves_staged_jobs_not_started(app: Path, tmp_path: Path) -> None:  # noqa: F811
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "0.1").write_text("")
-    proc = start_app(app, "lr=0.1,0.2,0.3,0.4", f"hold={hold}", "hydra.launcher.max_parallel=1")
-    try:
+    with held_sweep(app, tmp_path, "lr=0.1,0.2,0.3,0.4", "hydra.launcher.max_parallel=1") \
+            as (proc, _):
         wait_for(lambda: (app / "sweep" / "1" / ".hydra" / "config.yaml").is_file(), proc=proc)
         proc.send_signal(signal.SIGINT)  # job 0 (Hydra's app, not runner) ends on Ctrl-C
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     rows = jobs(app)
     assert rows[0]["state"] == "failed"
     assert [rows[n]["state"] for n in (1, 2, 3)] == ["not started"] * 3, rows
@@ -184,21 +181,14 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_jobs_end_when_the_launcher_is_killed(app: Path, tmp_path: Path, method: str) -> None:  # noqa: F811,E501
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "0.1").write_text("")  # job 0 runs until killed
-    proc = start_app(app, "lr=0.1,0.2,0.3", f"hold={hold}", "hydra.launcher.max_parallel=1",
-                     f"hydra.launcher.start_method={method}")
-    try:
+    with held_sweep(app, tmp_path, "lr=0.1,0.2,0.3", "hydra.launcher.max_parallel=1",
+                    f"hydra.launcher.start_method={method}") as (proc, _):
         wait_for(lambda: (app / "sweep" / "1" / ".hydra" / "config.yaml").is_file(), proc=proc)
         left = holders_of(app / "sweep")  # job 0 and the spare with job 1 staged
         assert len(left) >= 2, left
         proc.kill()  # SIGKILL: the launcher gets no say
         proc.communicate(timeout=30)
         wait_for(lambda: not any(alive(p) for p in left), timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def fork_servers(parent: int) -> list[int]:
@@ -216,19 +206,13 @@ def fork_servers(parent: int) -> list[int]:
 
 def test_a_dead_fork_server_is_started_again_with_its_devices_environment(
         app: Path, tmp_path: Path) -> None:  # noqa: F811
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "0.1").write_text("")
-    proc = start_app(app, "lr=0.1,0.2,0.3", f"hold={hold}", "hydra.launcher.max_parallel=1")
-    try:
+    with held_sweep(app, tmp_path, "lr=0.1,0.2,0.3", "hydra.launcher.max_parallel=1") \
+            as (proc, _):
         wait_for(lambda: (app / "sweep" / "1" / ".hydra" / "config.yaml").is_file(), proc=proc)
         servers = fork_servers(proc.pid)
         assert len(servers) == 1, servers
         os.kill(servers[0], signal.SIGKILL)  # its jobs get SIGTERM (their parent died)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     rows = jobs(app)
     assert rows[0]["state"] == "failed" and "fork server died" in rows[0]["reason"], rows[0]
     assert [rows[n]["state"] for n in (1, 2)] == ["ok", "ok"], rows
@@ -236,3 +220,21 @@ def test_a_dead_fork_server_is_started_again_with_its_devices_environment(
         assert seen(rows[n])["env"]["RUNNER_SWEEP_DEVICE"] == "cpu:0"
         assert seen(rows[n])["env"]["CUDA_VISIBLE_DEVICES"] == ""
     assert proc.returncode == 1
+
+
+def test_a_module_that_fails_in_the_fork_server_falls_back_to_spawn(app: Path) -> None:  # noqa: F811
+    """The task's module raises when imported with a device lease (in the fork server, and
+    in any job process): the launcher says so in one warning, spawns job processes instead,
+    and each job fails on its own with the error in its console.log."""
+    script = app / "train.py"
+    script.write_text(script.read_text().replace(
+        "\n\n@hydra.main(",
+        "\n\nif os.environ.get('RUNNER_SWEEP_DEVICE'):\n"
+        "    raise RuntimeError('this module cannot be imported in a job')\n\n\n@hydra.main(", 1))
+    proc = start_app(app, "lr=0.1,0.2", "hydra.launcher.max_parallel=1")
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 1, err[-3000:]
+    assert "cannot start job processes" in out + err and "spawned from now on" in out + err, (out + err)[-3000:]
+    rows = jobs(app)
+    assert [rows[n]["state"] for n in (0, 1)] == ["failed", "failed"], rows
+    assert "this module cannot be imported in a job" in (app / "sweep" / "0" / "console.log").read_text()

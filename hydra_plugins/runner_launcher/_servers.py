@@ -22,22 +22,28 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import sys
 import time
 import types
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.connection import wait
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any, Iterator
 
+from runner.errors import describe
 from runner.processes import spawn_environment
+
+log = logging.getLogger(__name__)
 
 START_METHODS = ("forkserver", "spawn")
 # imported by every lease's server before it forks anything (an ImportError is ignored)
 PRELOAD = ["hydra_plugins.runner_launcher._child", "hydra._internal.config_loader_impl",
            "hydra._internal.callbacks", "hydra.core.utils", "omegaconf", "cloudpickle"]
 STOP_WAIT_S = 5.0
+START_WAIT_S = 120.0  # a server's imports (the task's module: torch ...) may take a while
 
 
 def default_start_method() -> str:
@@ -80,14 +86,15 @@ class _LeasePopen(popen_forkserver.Popen):
         self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
+        # the server answers with the pid once its imports are done: never wait forever
+        if not wait([self.sentinel], START_WAIT_S):
+            raise TimeoutError(f"no answer from the fork server in {START_WAIT_S:.0f} s")
         self.pid = forkserver.read_signed(self.sentinel)
 
     server_lost = False  # the server went before it could report this process's exit
 
     def poll(self, flag: int = os.WNOHANG) -> Any:
         if self.returncode is None:
-            from multiprocessing.connection import wait
-
             if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
                 return None
             try:
@@ -111,18 +118,29 @@ class Servers:
         self.preload = list(PRELOAD)
         if task_ref.module:
             self.preload.append(task_ref.module)
-        self.with_main = task_ref.path is not None and task_ref.by_value is None
-        if self.with_main:  # the script (it has a __main__ guard) as __mp_main__
-            self.preload.append("__main__")
+        # a script with a __main__ guard: loaded as __mp_main__ in the server (_preload_main)
+        self.main_path = task_ref.path if task_ref.by_value is None else None
+        if self.main_path:
+            self.preload.append("hydra_plugins.runner_launcher._preload_main")
         self.servers: dict[int, forkserver.ForkServer] = {}
 
     def process(self, lease: Any, target: Any, args: tuple, name: str) -> Any:
         """A started process running ``target(*args)`` with ``lease``'s environment."""
-        if self.method == "spawn":
-            proc = self.ctx_mp.Process(target=target, name=name, daemon=False, args=args)
-            with spawn_environment(lease.env), without_main():
-                proc.start()
-            return proc
+        if self.method == "forkserver":
+            try:
+                return self._forked(lease, target, args, name)
+            except (OSError, EOFError) as exc:  # the server died starting (its imports)
+                log.warning(f"runner launcher: the fork server for {lease.label} cannot start "
+                            f"job processes ({describe(exc, 200)}); they are spawned from now "
+                            f"on (hydra.launcher.start_method=spawn)")
+                self.close()
+                self.method = "spawn"
+        proc = self.ctx_mp.Process(target=target, name=name, daemon=False, args=args)
+        with spawn_environment(lease.env), without_main():
+            proc.start()
+        return proc
+
+    def _forked(self, lease: Any, target: Any, args: tuple, name: str) -> Any:
         server = self._server(lease)
         proc = ForkServerProcess(target=target, name=name, daemon=False, args=args)
 
@@ -146,18 +164,13 @@ class Servers:
         if server is None:
             server = forkserver.ForkServer()
             server.set_forkserver_preload(self.preload)
-            with spawn_environment(lease.env), self._main_for_server():
+            env = dict(lease.env)
+            if self.main_path:
+                env["RUNNER_LAUNCHER_PRELOAD_MAIN"] = self.main_path  # popped there
+            with spawn_environment(env), without_main():
                 server.ensure_running()
             self.servers[lease.index] = server
         return server
-
-    @contextlib.contextmanager
-    def _main_for_server(self) -> Iterator[None]:
-        if self.with_main:
-            yield
-        else:
-            with without_main():
-                yield
 
     def close(self) -> None:
         """Stop every server (they exit on EOF of their alive pipe); never waits longer
