@@ -286,6 +286,8 @@ class _Loop:
             self._free(job.lease)
 
     def _receive(self, job: _Job) -> None:
+        """The job's result, if it is on its pipe: the job is decided now (a failure stops
+        a fail_fast sweep before its lease is handed out again); a CPU lease is free."""
         if job.eof:
             return
         try:
@@ -293,17 +295,27 @@ class _Loop:
                 job.data = job.conn.recv_bytes()
                 job.eof = True  # one message per job
                 job.record.finished = time.time()  # its work ended; its process exits now
+                self._conclude(job)
                 if job.lease.backend not in GPU_BACKENDS:
                     self._release(job)
         except (EOFError, OSError):
             job.eof = True
 
     def _finish(self, job: _Job) -> None:
+        """The job's process ended (its sentinel fired)."""
         reap(job.process, job.conn, wait_s=5.0)  # the sentinel fired: a zombie-in-waiting
         r = job.record
         self.running.pop(r.num, None)
-        self._release(job)
         r.finished, r.pid = r.finished or time.time(), None
+        if job.ret is None:
+            self._conclude(job)
+        self._release(job)
+        self.record_sweep()
+        self.live.update(self.view, self.keys, force=True)
+
+    def _conclude(self, job: _Job) -> None:
+        """The job's state and JobReturn: from its result, or from how its process ended."""
+        r = job.record
         ret = None
         if job.data is not None:
             try:
@@ -340,8 +352,6 @@ class _Loop:
         if r.state == JobState.FAILED:
             self._failed(job)
         self.record_sweep()
-        self.live.update(self.view, self.keys, force=True)
-
 
     def _failed(self, job: _Job) -> None:
         r = job.record
