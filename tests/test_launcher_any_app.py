@@ -96,7 +96,7 @@ def test_cpu_slots_values_and_best(app: Path) -> None:
     assert max_overlap([(v["start"], v["end"]) for v in views]) == 2
     # the job's config is the app's own, nothing added; its log says which device it held
     cfg = OmegaConf.load(Path(rows[0]["dir"]) / ".hydra" / "config.yaml")
-    assert set(cfg) == {"lr", "sleep_s", "returns", "hold"}
+    assert set(cfg) == {"lr", "sleep_s", "returns", "hold", "linger"}
     assert "this job holds cpu:" in (Path(rows[0]["dir"]) / "train.log").read_text()
     md = (app / "sweep" / "sweep.md").read_text()
     assert "| job | lr | device | status | wall s | value | best |" in md, md

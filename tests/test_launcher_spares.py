@@ -14,7 +14,9 @@ with the example app (tests/fixtures/any_app) on CPU slots, for both start metho
   says so and exits non-zero;
 * the launcher SIGKILLed: its running job and staged spares end too (both start methods);
 * a lease's fork server SIGKILLed: its job fails saying so, the next jobs run in a new
-  server with the lease's environment.
+  server with the lease's environment;
+* a job that returned but whose process cannot exit (a non-daemon thread) is killed after
+  exit_wait_s, its result kept.
 """
 from __future__ import annotations
 
@@ -238,3 +240,29 @@ def test_a_module_that_fails_in_the_fork_server_falls_back_to_spawn(app: Path) -
     rows = jobs(app)
     assert [rows[n]["state"] for n in (0, 1)] == ["failed", "failed"], rows
     assert "this module cannot be imported in a job" in (app / "sweep" / "0" / "console.log").read_text()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_job_that_returned_but_cannot_exit_is_killed(app: Path, tmp_path: Path,  # noqa: F811
+                                                       device: str) -> None:
+    env = None
+    if device == "cuda":  # a GPU lease is free only once the process has ended
+        from tests.test_launcher_any_app import fake_gpus
+        env = fake_gpus(tmp_path, 1)
+    proc = subprocess.Popen([sys.executable, "train.py", "-m", f"hydra.sweep.dir={app / 'sweep'}",
+                             "hydra.launcher.live=plain", f"hydra.launcher.devices={device}",
+                             "lr=0.1,0.2", "linger=true", "hydra.launcher.max_parallel=1",
+                             "hydra.launcher.exit_wait_s=1"],
+                            cwd=app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = jobs(app)
+    assert [rows[n]["state"] for n in (0, 1)] == ["ok", "ok"], rows
+    assert round(rows[0]["value"], 6) == 0.04
+    assert "has not exited: killed" in out + err
+    assert not any(alive(seen(rows[n])["pid"]) for n in (0, 1))

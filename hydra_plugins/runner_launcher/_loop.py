@@ -59,6 +59,7 @@ class _Job:
     data: Optional[bytes] = None  # the pickled JobReturn, once received
     eof: bool = False  # the pipe closed (with or without a result)
     launched_at: float = 0.0  # time.monotonic() when it got its device
+    returned_at: float = 0.0  # time.monotonic() when its result came
     freed: bool = False  # its lease is free again (CPU: on its result; GPU: on its exit)
     stage: bool = True  # False once a spare died with it staged: it runs unstaged
     went: bool = False  # launched by Go on a staged spare (its run time tells the spares)
@@ -145,6 +146,7 @@ class _Loop:
                 if obj is not j.conn:
                     self._finish(j)
             self.spares.tick()
+            self._linger()
             self.live.update(self.view, self.keys)
 
     def _hand_out(self) -> None:
@@ -295,11 +297,26 @@ class _Loop:
                 job.data = job.conn.recv_bytes()
                 job.eof = True  # one message per job
                 job.record.finished = time.time()  # its work ended; its process exits now
+                job.returned_at = time.monotonic()
                 self._conclude(job)
                 if job.lease.backend not in GPU_BACKENDS:
                     self._release(job)
         except (EOFError, OSError):
             job.eof = True
+
+    def _linger(self) -> None:
+        """A job that returned but whose process has not exited after exit_wait_s (a
+        non-daemon thread, a hung library teardown) is killed: its result is kept, and a
+        GPU's lease (free only on exit) is not held for ever."""
+        now = time.monotonic()
+        for job in self.running.values():
+            if job.returned_at and now - job.returned_at > self.l.exit_wait_s:
+                if job.process.is_alive():
+                    self.live.message(f"runner launcher: job #{job.record.num} returned "
+                                      f"{self.l.exit_wait_s:g} s ago but its process "
+                                      f"(pid {job.process.pid}) has not exited: killed")
+                    job.process.kill()
+                job.returned_at = 0.0
 
     def _finish(self, job: _Job) -> None:
         """The job's process ended (its sentinel fired)."""

@@ -68,6 +68,9 @@ class RunnerLauncherConf:
     # (~10 ms instead of a new interpreter); spawn: a new interpreter per job. null:
     # forkserver where the OS has it. Use spawn if the task's module touches a GPU at import.
     start_method: Optional[str] = None
+    # A job that has returned but whose process has not exited after this many seconds is
+    # killed (its result is kept): a GPU is free again only once the process has ended.
+    exit_wait_s: float = 30.0
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="runner", node=RunnerLauncherConf,

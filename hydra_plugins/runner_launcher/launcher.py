@@ -23,7 +23,8 @@ class RunnerLauncher(Launcher):
                  devices: Optional[str] = None, ids: Any = None, jobs_per_device: int = 1,
                  threads_per_job: Optional[int] = None, best: str = "auto",
                  best_key: Optional[str] = None, spares: Optional[int] = None,
-                 start_method: Optional[str] = None, **_: Any) -> None:
+                 start_method: Optional[str] = None, exit_wait_s: float = 30.0,
+                 **_: Any) -> None:
         # checked in launch() (check_settings), where a bad one is a one-line error
         self.max_parallel = max_parallel
         self.devices = devices
@@ -34,6 +35,7 @@ class RunnerLauncher(Launcher):
         self.best_key = best_key
         self.spares = spares
         self.start_method = start_method
+        self.exit_wait_s = exit_wait_s
         self.stagger_s = stagger_s
         self.fail_fast = bool(fail_fast)
         self.poll_s = poll_s
@@ -79,6 +81,8 @@ class RunnerLauncher(Launcher):
         if self.spares is not None and not (whole(self.spares, 0) and self.spares <= 8):
             return (f"hydra.launcher.spares={self.spares!r} must be an integer from 0 to 8 "
                     f"or null (one ahead per busy device, two for short jobs)")
+        if not (number(self.exit_wait_s) and self.exit_wait_s > 0):
+            return f"hydra.launcher.exit_wait_s={self.exit_wait_s!r} must be a number > 0"
         if self.start_method not in (None, "forkserver", "spawn"):
             return (f"hydra.launcher.start_method={self.start_method!r} is not one of "
                     f"forkserver, spawn (or null: forkserver where the OS has it)")
