@@ -115,7 +115,7 @@ def test_a_staged_spare_killed_gives_its_job_back(app: Path, tmp_path: Path) -> 
         victims = wait_for(lambda: holders_of(job1 / "console.log"), proc=proc)
         assert len(victims) == 1
         os.kill(victims[0], signal.SIGKILL)
-        time.sleep(0.3)
+        wait_for(lambda: not alive(victims[0]), proc=proc)  # gone before job 0 ends
         release()
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]

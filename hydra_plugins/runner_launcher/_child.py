@@ -1,12 +1,13 @@
-"""The job process: entry point of one sweep job, spawned by the launcher (_core.py).
+"""The job process: entry point of one sweep job, started by the launcher (_servers.py).
 
 It starts with its lease's environment already in place (device mask, threads) and
 SIGINT ignored. It leaves the launcher's process group, so a terminal's Ctrl-C reaches the
 launcher alone (which forwards it, as the same signal), takes SIGINT back (Ctrl-C semantics
 for what the launcher forwards), and asks the kernel for SIGTERM if the launcher dies. Its
 stdout/stderr go to ``<job dir>/console.log``. Then Hydra's own ``run_job`` after
-``Singleton.set_state``: .hydra/, job logging and callbacks behave as under any launcher. A job that raises has its traceback logged through the job's own
-logging (its log file) and console.log the moment it fails. The JobReturn goes back to
+``Singleton.set_state``: .hydra/, job logging and callbacks behave as under any launcher.
+A job that raises has its traceback logged through the job's own logging (its log file)
+and console.log the moment it fails. The JobReturn goes back to
 the launcher over a pipe, pickled with cloudpickle.
 
 The task function travels as a :class:`TaskRef`: by module and name when it is importable
@@ -237,6 +238,8 @@ def _gated(task_function: Any, inbox: Any, job_dir: str, made_dir: bool) -> Any:
         except (EOFError, OSError):
             msg = Cancel("the launcher closed the pipe")
         if not isinstance(msg, Go):
+            print(f"runner launcher: not run in this process: {getattr(msg, 'reason', msg)}",
+                  file=sys.stderr)
             if made_dir:  # nothing of this job stays behind: it runs elsewhere or not at all
                 os.chdir("/")
                 shutil.rmtree(job_dir, ignore_errors=True)

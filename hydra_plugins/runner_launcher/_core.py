@@ -11,9 +11,10 @@ Parent (the process Hydra's sweeper runs in)::
           a job is staged on this lease's spare -> Go: it runs now
           else the next waiting job: compose it, pin runner's `devices` to the lease
             (runner's group only) -> Order(go) to a ready or starting spare of this lease,
-            else spawn a fresh process with the lease's env in place
-            (runner.processes.spawn_environment), without the parent's __main__ (the child
-            loads the task itself: _child.TaskRef), daemon=False (jobs may spawn workers)
+            else start a fresh process with the lease's env in place (_servers.py: forked
+            from the lease's fork server, or spawned), without the parent's __main__ (the
+            child loads the task itself: _child.TaskRef), daemon=False (jobs may spawn
+            workers)
           else (nothing waits) a job staged on a busy lease is taken back (Cancel) and
             runs here once its spare has left
       more jobs wait than leases are free -> spares for the busy lease (_spares.py): spawned
@@ -61,7 +62,6 @@ from runner.runlock import RunLock
 from runner.sweep import JobRecord, JobState, Ranking
 
 log = logging.getLogger(__name__)
-GPU_BACKENDS = ("cuda", "xpu")  # a lease of these is free only once its job's process ended
 
 
 # ---- parent -------------------------------------------------------------------------------

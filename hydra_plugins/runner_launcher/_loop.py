@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import itertools
 import os
 import pickle
 import signal
@@ -172,7 +173,7 @@ class _Loop:
         """Compose the jobs the spares and free leases will take next, now -- right after
         the hand-out, while the jobs just started run -- not when a lease frees."""
         want = len(self.spares.spares) + len(self.free)
-        for job in list(self.pending)[:want]:
+        for job in list(itertools.islice(self.pending, want)):
             if self.stop_reason:
                 return
             if job.config is None and not self._composed(job):
@@ -301,6 +302,7 @@ class _Loop:
                 self._conclude(job)
                 if job.lease.backend not in GPU_BACKENDS:
                     self._release(job)
+                self.record_sweep()
         except (EOFError, OSError):
             job.eof = True
 
@@ -368,7 +370,6 @@ class _Loop:
             job.ret = ret
         if r.state == JobState.FAILED:
             self._failed(job)
-        self.record_sweep()
 
     def _failed(self, job: _Job) -> None:
         r = job.record

@@ -38,12 +38,12 @@ class Order:
 
 @dataclass(frozen=True)
 class Go:
-    started: float  # time.time() when the launcher handed the device over
+    pass  # the device is this job's now
 
 
 @dataclass(frozen=True)
 class Cancel:
-    reason: str  # for the job's console.log
+    reason: str  # why, for the job's console.log
 
 
 @dataclass(frozen=True)

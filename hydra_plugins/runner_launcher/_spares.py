@@ -220,7 +220,7 @@ class Spares:
                   if s.lease.index == lease.index and s.state == SpareState.STAGED]
         if not staged:
             return False
-        return self._launch(min(staged, key=lambda s: s.job.index), Go(time.time()))
+        return self._launch(min(staged, key=lambda s: s.job.index), Go())
 
     def assign(self, lease: Any, job: Any) -> bool:
         """Give ``job`` (its lease is free) to an unbound spare of ``lease``: at once when
